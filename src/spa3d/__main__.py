@@ -1,0 +1,3 @@
+from spa3d.cli.main import main
+
+raise SystemExit(main())

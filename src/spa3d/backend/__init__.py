@@ -1,0 +1,1 @@
+"""Execution backend: device choice (CPU, CUDA), threads, batch sizing."""

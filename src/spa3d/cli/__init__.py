@@ -1,0 +1,1 @@
+"""The ``spa3d`` command line: one subcommand per job."""

@@ -1,0 +1,116 @@
+"""``spa3d <job> [options]``: the command-line entry point.
+
+Every job's options use RELION's names with hyphens. Units: lengths in Å
+unless the help says pixels; angles in degrees. A problem with the input is
+reported as one line ``spa3d <job>: error: <file>: <problem>`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from spa3d import __version__
+from spa3d.errors import InputError
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+
+
+def _cmd_simulate(a) -> None:
+    from spa3d.jobs.progress import setup_logging
+    from spa3d.jobs.simulate import SimulationOptions, simulate
+
+    setup_logging(quiet=a.quiet)
+    opts = SimulationOptions(
+        n_particles=a.n, box=a.box, pixel_size=a.angpix, snr=a.snr,
+        fractions=[float(x) for x in a.fractions.split(",")] if a.fractions else None,
+        seed=a.seed, ctf=not a.no_ctf, defocus_min=a.defocus_min, defocus_max=a.defocus_max,
+        offset_sigma_px=a.offset_sigma, model_resolution=a.model_resolution,
+        n_micrographs=a.micrographs, micrograph_size=a.mic_size)
+    simulate(a.i, a.o, opts)
+
+
+def _cmd_reconstruct(a) -> None:
+    from spa3d.jobs.progress import setup_logging
+    from spa3d.jobs.reconstruct import ReconstructOptions, reconstruct
+
+    setup_logging(quiet=a.quiet)
+    opts = ReconstructOptions(ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak,
+                              ctf_phase_flipped=a.ctf_phase_flipped, symmetry=a.sym, maxres=a.maxres, pad=a.pad,
+                              subset=a.subset, class_number=a.klass, device=a.device, threads=a.threads,
+                              batch_size=a.batch_size)
+    reconstruct(a.i, a.o, opts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spa3d", description="Single-particle cryo-EM: 2D particles to 3D maps, "
+                                     "RELION-compatible (STAR, MRC, RELION conventions).")
+    parser.add_argument("--version", action="version", version=f"spa3d {__version__}")
+    sub = parser.add_subparsers(dest="job", metavar="<job>")
+
+    p = sub.add_parser("simulate", help="simulate particles (and micrographs) with known ground truth",
+                       description="Simulate a particle dataset from maps (MRC) or atomic models (PDB/mmCIF): "
+                                   "random poses and offsets, per-particle CTF, white noise at a given SNR. Writes "
+                                   "particles.star, particles_truth.star, truth_classNNN.mrc and stacks into --o.")
+    p.add_argument("--i", nargs="+", required=True, help="maps (.mrc) or atomic models (.pdb, .cif), one per species")
+    p.add_argument("--o", required=True, help="output (project) directory")
+    p.add_argument("--n", type=int, default=1000, help="number of particles (default 1000)")
+    p.add_argument("--fractions", default=None, help="comma-separated fraction of each species (default equal)")
+    p.add_argument("--box", type=int, default=64, help="box size in pixels (default 64)")
+    p.add_argument("--angpix", type=float, default=2.0, help="pixel size in Å (default 2.0)")
+    p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio (variances, default 0.1)")
+    p.add_argument("--no-ctf", action="store_true", help="no CTF (default: random defocus per particle)")
+    p.add_argument("--defocus-min", type=float, default=10000.0, help="smallest defocus in Å (default 10000)")
+    p.add_argument("--defocus-max", type=float, default=30000.0, help="largest defocus in Å (default 30000)")
+    p.add_argument("--offset-sigma", type=float, default=2.0, help="std of random origins in pixels (default 2)")
+    p.add_argument("--model-resolution", type=float, default=None,
+                   help="resolution in Å of the density simulated from atomic models (default 2 pixels)")
+    p.add_argument("--micrographs", type=int, default=0,
+                   help="also simulate this many micrographs holding the particles (default 0: none)")
+    p.add_argument("--mic-size", type=int, default=512, help="micrograph size in pixels (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("reconstruct", help="3D map from particles with known poses (as relion_reconstruct)",
+                       description="Reconstruct a map from the particles of a STAR file at their poses "
+                                   "(rlnAngleRot/Tilt/Psi in degrees, rlnOriginX/YAngst in Å).")
+    p.add_argument("--i", required=True, help="particle STAR file (RELION 3.1, or 3.0)")
+    p.add_argument("--o", required=True, help="output map (.mrc)")
+    p.add_argument("--ctf", action="store_true", help="apply CTF correction")
+    p.add_argument("--ctf-intact-first-peak", action="store_true", help="leave CTFs intact until their first peak")
+    p.add_argument("--ctf-phase-flipped", action="store_true", help="images have been phase-flipped")
+    p.add_argument("--sym", default="C1", help="point group: Cn, Dn, T, O, I (default C1)")
+    p.add_argument("--maxres", type=float, default=None, help="maximum resolution in Å (default Nyquist)")
+    p.add_argument("--pad", type=int, default=2, help="padding factor (default 2)")
+    p.add_argument("--subset", type=int, default=None, help="only rlnRandomSubset 1 or 2")
+    p.add_argument("--class", dest="klass", type=int, default=None, help="only particles of this rlnClassNumber")
+    p.add_argument("--batch-size", type=int, default=256, help="particles per batch (default 256)")
+    _add_device(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_reconstruct)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        args.func(args)
+    except InputError as exc:
+        print(f"spa3d {args.job}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spa3d {args.job}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

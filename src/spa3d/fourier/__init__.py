@@ -1,0 +1,1 @@
+"""Fourier-space core: CTF, projection, back-projection, reconstruction, filters."""

@@ -1,0 +1,72 @@
+"""Filters, masks and Fourier shell correlation.
+
+Resolutions are in Å; shells are in cycles per box (shell i ↔ n·pixel/i Å).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _radius_grid(shape, device=None, rfft: bool = True) -> torch.Tensor:
+    """Frequency radius (cycles per box) of every voxel of a (r)fftn layout."""
+    n = shape[-1]
+    axes = [torch.fft.fftfreq(s, d=1.0 / s, device=device, dtype=torch.float64) for s in shape[:-1]]
+    axes.append((torch.fft.rfftfreq if rfft else torch.fft.fftfreq)(n, d=1.0 / n, device=device, dtype=torch.float64))
+    grids = torch.meshgrid(*axes, indexing="ij")
+    return torch.sqrt(sum(g**2 for g in grids))
+
+
+def fsc(map1, map2) -> np.ndarray:
+    """Fourier shell correlation of two maps (n, n, n), shells 0 .. n//2."""
+    a = torch.fft.rfftn(torch.as_tensor(np.asarray(map1), dtype=torch.float64))
+    b = torch.fft.rfftn(torch.as_tensor(np.asarray(map2), dtype=torch.float64))
+    n = a.shape[0]
+    shell = torch.round(_radius_grid(a.shape[:-1] + (n,))).long().view(-1)
+    nsh = n // 2 + 1
+    keep = shell < nsh
+    shell = shell[keep]
+
+    def ssum(x):
+        return torch.zeros(nsh, dtype=torch.float64).index_add_(0, shell, x.reshape(-1)[keep])
+
+    num = ssum((a * b.conj()).real)
+    den = torch.sqrt(ssum(a.abs() ** 2) * ssum(b.abs() ** 2))
+    return (num / den.clamp_min(1e-30)).numpy()
+
+
+def resolution_at(curve: np.ndarray, n: int, pixel_size: float, threshold: float) -> float:
+    """Resolution (Å) where an FSC curve first falls below ``threshold``.
+
+    Interpolates linearly between shells; returns the Nyquist resolution
+    (2·pixel) when the curve never falls below.
+    """
+    curve = np.asarray(curve)
+    for i in range(1, len(curve)):
+        if curve[i] < threshold:
+            c0, c1 = curve[i - 1], curve[i]
+            f = (c0 - threshold) / (c0 - c1) if c0 != c1 else 0.0
+            shell = (i - 1) + f
+            return float(n * pixel_size / max(shell, 1e-6))
+    return float(2 * pixel_size)
+
+
+def lowpass(vol, pixel_size: float, resolution: float, edge_shells: float = 2.0) -> np.ndarray:
+    """Low-pass a map (n, n, n) to ``resolution`` Å with a raised-cosine edge."""
+    v = torch.as_tensor(np.asarray(vol), dtype=torch.float64)
+    n = v.shape[-1]
+    r = _radius_grid(v.shape)
+    cut = n * pixel_size / resolution
+    w = torch.clamp((cut + edge_shells / 2 - r) / edge_shells, 0, 1)
+    w = 0.5 - 0.5 * torch.cos(torch.pi * w)
+    return torch.fft.irfftn(torch.fft.rfftn(v) * w, s=v.shape).to(torch.float32).numpy()
+
+
+def soft_sphere(n: int, radius: float, edge: float = 5.0, ndim: int = 3) -> np.ndarray:
+    """Soft spherical (ndim=3) or circular (ndim=2) mask, radius and cosine edge in pixels."""
+    c = np.arange(n) - n // 2
+    grids = np.meshgrid(*([c] * ndim), indexing="ij")
+    r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
+    m = np.clip((radius + edge - r) / max(edge, 1e-6), 0, 1)
+    return (0.5 - 0.5 * np.cos(np.pi * m)).astype(np.float32)

@@ -1,0 +1,55 @@
+"""Centred FFTs and frequency grids.
+
+Real-space arrays are centred at index ``n // 2``. Images use the half-plane
+(rfft) layout: shape (n, n // 2 + 1), ky in FFT order (0, 1, ..., -1) along
+dim -2 and kx = 0 .. n/2 along dim -1. Frequencies are in cycles per box
+(integers); divide by ``n * pixel_size`` for 1/Å.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rfft2_centered(images: torch.Tensor) -> torch.Tensor:
+    """Half-plane FT (..., n, n//2+1) of images (..., n, n) centred at n//2."""
+    return torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
+
+
+def irfft2_centered(ft: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`rfft2_centered`: images (..., n, n) centred at n//2."""
+    return torch.fft.fftshift(torch.fft.irfft2(ft, s=(n, n)), dim=(-2, -1))
+
+
+def fftn_centered(vol: torch.Tensor) -> torch.Tensor:
+    """Full 3D FT with the zero frequency at index n//2 on every axis."""
+    return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(vol)))
+
+
+def ifftn_centered(ft: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`fftn_centered` (real part)."""
+    return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(ft))).real
+
+
+def half_plane_freqs(n: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kx, ky) grids of shape (n, n//2+1), in cycles per box."""
+    ky = torch.fft.fftfreq(n, d=1.0 / n, device=device, dtype=dtype)
+    kx = torch.fft.rfftfreq(n, d=1.0 / n, device=device, dtype=dtype)
+    return kx[None, :].expand(n, -1), ky[:, None].expand(-1, n // 2 + 1)
+
+
+def half_plane_radius(n: int, device=None) -> torch.Tensor:
+    """Radius in cycles per box of every half-plane pixel, shape (n, n//2+1)."""
+    kx, ky = half_plane_freqs(n, device=device)
+    return torch.sqrt(kx**2 + ky**2)
+
+
+def phase_shift_2d(n: int, shifts_px: torch.Tensor) -> torch.Tensor:
+    """Phase factors (B, n, n//2+1) that shift images by ``shifts_px`` (B, 2) = (x, y) pixels.
+
+    Multiplying a half-plane FT by these moves the image content by +shift
+    (towards larger x and y indices).
+    """
+    kx, ky = half_plane_freqs(n, device=shifts_px.device, dtype=shifts_px.dtype)
+    arg = -2 * torch.pi / n * (shifts_px[:, 0, None, None] * kx + shifts_px[:, 1, None, None] * ky)
+    return torch.polar(torch.ones_like(arg), arg)

@@ -1,0 +1,1 @@
+"""Geometry: RELION Euler angles, point groups, orientation and translation sampling."""

@@ -1,0 +1,1 @@
+"""File I/O: RELION STAR files, MRC maps and stacks, atomic models."""

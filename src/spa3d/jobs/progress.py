@@ -1,0 +1,47 @@
+"""Progress lines on the terminal (and in the job's log): items/s and time left."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger("spa3d")
+
+
+def setup_logging(logfile=None, quiet: bool = False) -> None:
+    """Log INFO to stderr (unless quiet) and to ``logfile`` when given."""
+    root = logging.getLogger("spa3d")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if not quiet:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(h)
+    if logfile:
+        fh = logging.FileHandler(logfile)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        root.addHandler(fh)
+
+
+class Progress:
+    """Report ``done / total`` items with rate and estimated time left, at most every ``every`` s."""
+
+    def __init__(self, total: int, what: str = "particles", label: str = "", every: float = 2.0):
+        self.total, self.what, self.label, self.every = total, what, label, every
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            left = (self.total - self.done) / max(rate, 1e-9)
+            log.info(f"{self.label}{self.done}/{self.total} {self.what}, {rate:,.0f} {self.what}/s, {left:,.0f} s left")
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
