@@ -16,15 +16,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spa3d.fourier.grid import ifftn_centered
-from spa3d.fourier.projector import cube_halfwidth, gridding_correct, slice_coordinates
+from spa3d.fourier.filters import soft_sphere
+from spa3d.fourier.grid import half_plane_freqs, ifftn_centered
+from spa3d.kernels import trilinear_scatter
+from spa3d.fourier.projector import cube_halfwidth, gridding_correct, recentre
 
 
 class BackProjector:
     """3D Fourier accumulators for a box of ``n`` pixels (padding ``pad``).
 
     ``data`` (D, D, D, 2: real, imag) and ``weight`` (D, D, D), D = 2h+1,
-    float64, centre at index h. Accumulators of several back-projectors (e.g.
+    float32, centre at index h. Accumulators of several back-projectors (e.g.
     from several workers) can be added with :meth:`add`.
     """
 
@@ -34,8 +36,20 @@ class BackProjector:
         self.h = cube_halfwidth(n, pad, self.r_max)
         d = 2 * self.h + 1
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.data = torch.zeros((d, d, d, 2), dtype=torch.float64, device=self.device)
-        self.weight = torch.zeros((d, d, d), dtype=torch.float64, device=self.device)
+        # channels: data real, data imag, weight
+        self.acc = torch.zeros((d, d, d, 3), dtype=torch.float32, device=self.device)
+        self._sel = None  # half-plane pixels inside r_max, and their (kx, ky)·pad
+        self._kxy = None
+
+    @property
+    def data(self) -> torch.Tensor:
+        """Data accumulator (D, D, D, 2: real, imag)."""
+        return self.acc[..., :2]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Weight accumulator (D, D, D)."""
+        return self.acc[..., 2]
 
     def insert(self, fts: torch.Tensor, rotations: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Add images' half-plane FTs (B, n, n//2+1) with rotations (B, 3, 3).
@@ -43,49 +57,34 @@ class BackProjector:
         ``fts`` should already be CTF-multiplied when ``weights`` are CTF².
         ``weights`` (B, n, n//2+1) default to 1.
         """
-        d = 2 * self.h + 1
         rot = torch.as_tensor(rotations, device=self.device, dtype=torch.float32)
-        coords, mask = slice_coordinates(rot, self.n, self.pad, self.r_max)
-        b = coords.shape[0]
-        coords = coords + self.h
-        mask = mask.expand(b, -1, -1)
-        coords = coords[mask]  # (M, 3) in (x, y, z)
-        vals = torch.view_as_real(fts.to(self.device).to(torch.complex64))[mask]  # (M, 2)
+        if self._sel is None:
+            kx, ky = half_plane_freqs(self.n, device=self.device)
+            inside = (kx**2 + ky**2 <= self.r_max**2).reshape(-1)
+            self._sel = inside.nonzero()[:, 0]
+            self._kxy = torch.stack([kx.reshape(-1), ky.reshape(-1)], 1)[self._sel] * self.pad  # (P, 2)
+        b = rot.shape[0]
+        # pad * A.T @ (kx, ky, 0) for the P frequencies inside r_max: (B, P, 3), then shift to the cube centre
+        coords = (torch.matmul(self._kxy, rot[:, :2, :]) + self.h).reshape(-1, 3)
+        vals = torch.view_as_real(fts.to(self.device).to(torch.complex64).reshape(b, -1)[:, self._sel]).reshape(-1, 2)
         if weights is None:
             w = torch.ones(vals.shape[0], device=self.device, dtype=torch.float32)
         else:
-            w = weights.to(self.device).to(torch.float32)[mask]
-        base = torch.floor(coords)
-        frac = coords - base
-        base = base.long()
-        flat_data = self.data.view(-1, 2)
-        flat_w = self.weight.view(-1)
-        for dz in (0, 1):
-            for dy in (0, 1):
-                for dx in (0, 1):
-                    ix, iy, iz = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
-                    fx = frac[:, 0] if dx else 1 - frac[:, 0]
-                    fy = frac[:, 1] if dy else 1 - frac[:, 1]
-                    fz = frac[:, 2] if dz else 1 - frac[:, 2]
-                    t = fx * fy * fz
-                    ok = (ix >= 0) & (ix < d) & (iy >= 0) & (iy < d) & (iz >= 0) & (iz < d)
-                    idx = ((iz * d + iy) * d + ix)[ok]
-                    t = t[ok]
-                    flat_data.index_add_(0, idx, (vals[ok] * t[:, None]).to(torch.float64))
-                    flat_w.index_add_(0, idx, (w[ok] * t).to(torch.float64))
+            w = weights.to(self.device).to(torch.float32).reshape(b, -1)[:, self._sel].reshape(-1)
+        trilinear_scatter(self.acc, coords, torch.cat([vals, w[:, None]], dim=1))
 
     def add(self, other: "BackProjector") -> None:
         """Add another back-projector's accumulators (same n, pad, r_max)."""
-        self.data += other.data.to(self.device)
-        self.weight += other.weight.to(self.device)
+        self.acc += other.acc.to(self.device)
 
     def _hermitian_full(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulators with each insertion's Friedel mate (-k, conjugate) added."""
-        flip_d = torch.flip(self.data, dims=(0, 1, 2))
-        data = self.data.clone()
-        data[..., 0] += flip_d[..., 0]
-        data[..., 1] -= flip_d[..., 1]
-        weight = self.weight + torch.flip(self.weight, dims=(0, 1, 2))
+        acc = self.acc
+        flip = torch.flip(acc, dims=(0, 1, 2))
+        data = acc[..., :2].clone()
+        data[..., 0] += flip[..., 0]
+        data[..., 1] -= flip[..., 1]
+        weight = acc[..., 2] + flip[..., 2]
         return data, weight
 
     def _symmetrise(self, data: torch.Tensor, weight: torch.Tensor, ops: np.ndarray):
@@ -93,13 +92,13 @@ class BackProjector:
         if ops is None or len(ops) <= 1:
             return data, weight
         d = data.shape[0]
-        c = torch.arange(d, device=self.device, dtype=torch.float64) - self.h
+        c = torch.arange(d, device=self.device, dtype=data.dtype) - self.h
         zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
         pts = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
         inp = torch.cat([data.permute(3, 0, 1, 2), weight[None]], dim=0)[None]  # (1, 3, D, D, D)
         total = inp.clone()
         for r in ops[1:]:
-            rk = pts @ torch.as_tensor(r, device=self.device, dtype=torch.float64).T
+            rk = pts @ torch.as_tensor(r, device=self.device, dtype=data.dtype).T
             grid = (rk / self.h).reshape(1, d, d, d, 3)
             total += F.grid_sample(inp, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         total = total[0]
@@ -111,22 +110,24 @@ class BackProjector:
         r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2) / self.pad
         return torch.round(r).long()
 
-    def _smooth(self, x: torch.Tensor, sigma: float = 0.8, radius: int = 2) -> torch.Tensor:
-        """Separable Gaussian convolution (sigma in padded voxels) of a (D, D, D) grid."""
-        t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-        k = torch.exp(-0.5 * (t / sigma) ** 2)
+    @staticmethod
+    def _smooth(x: torch.Tensor, sigma: float = 0.8, radius: int = 2) -> torch.Tensor:
+        """Separable Gaussian smoothing (sigma in padded voxels, zero outside) of a (D, D, D) grid."""
+        t = np.arange(-radius, radius + 1)
+        k = np.exp(-0.5 * (t / sigma) ** 2)
         k = k / k.sum()
-        y = x[None, None]
         for dim in range(3):
-            shape = [1, 1, 1, 1, 1]
-            shape[2 + dim] = len(t)
-            pad = [0, 0, 0, 0, 0, 0]
-            pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = radius
-            y = F.conv3d(F.pad(y, pad), k.view(shape))
-        return y[0, 0]
+            y = torch.zeros_like(x)
+            n = x.shape[dim]
+            for off, kk in zip(t, k):
+                # y[i] += kk * x[i + off]
+                lo, hi = max(0, -off), min(n, n - off)
+                y.narrow(dim, lo, hi - lo).add_(x.narrow(dim, lo + off, hi - lo), alpha=float(kk))
+            x = y
+        return x
 
     def reconstruct(self, symmetry_ops: np.ndarray | None = None, tau2: np.ndarray | None = None,
-                    n_iter_gridding: int = 10) -> torch.Tensor:
+                    n_iter_gridding: int = 10, mask_edge: bool = True) -> torch.Tensor:
         """The map (n, n, n), float32, from the accumulators.
 
         Density compensation (Pipe & Menon 1999): find d with
@@ -134,35 +135,34 @@ class BackProjector:
         plus ``1/tau2`` when a τ² spectrum (per shell, cycles per box) is
         given; the map's transform is ``data·d``, which is the data convolved
         with the trilinear kernel: the real-space map is divided by its sinc².
+        With ``mask_edge`` the map is zero outside the box's inscribed sphere.
         """
         data, weight = self._hermitian_full()
         data, weight = self._symmetrise(data, weight, symmetry_ops)
-        shell = self.shell_index()
-        c = torch.arange(2 * self.h + 1, device=self.device, dtype=torch.float64) - self.h
+        c = torch.arange(2 * self.h + 1, device=self.device, dtype=torch.float32) - self.h
         r2 = c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2
         inside = r2 < (self.r_max * self.pad) ** 2
         w = weight.clone()
         if tau2 is not None:
+            shell = self.shell_index()
             nshell = int(shell.max()) + 1
-            t2 = torch.zeros(nshell, dtype=torch.float64, device=self.device)
+            t2 = torch.zeros(nshell, dtype=w.dtype, device=self.device)
             tt = torch.as_tensor(np.asarray(tau2, dtype=np.float64), device=self.device)[:nshell]
-            t2[: len(tt)] = tt
+            t2[: len(tt)] = tt.to(w.dtype)
             t2s = t2[shell]
             # 1/tau2 per padded voxel: tau2 is per original voxel, pad**3 padded voxels share it
-            w = w + torch.where(t2s > 0, 1.0 / (self.pad**3 * t2s.clamp_min(1e-300)), 1e3 * weight)
+            w = w + torch.where(t2s > 0, 1.0 / (self.pad**3 * t2s.clamp_min(1e-30)), 1e3 * weight)
         w = torch.where(inside, w, torch.zeros_like(w))
-        d = inside.to(torch.float64)
+        d = inside.to(w.dtype)
         for _ in range(n_iter_gridding):
             conv = self._smooth(d * w)
             floor = 1e-6 * float(conv.max()) if float(conv.max()) > 0 else 1.0
             d = torch.where(inside, d / conv.clamp_min(floor), torch.zeros_like(d))
-        ft = torch.complex(data[..., 0], data[..., 1]) * d
-        npad = self.pad * self.n
-        full = torch.zeros((npad,) * 3, dtype=torch.complex128, device=self.device)
-        c0 = npad // 2
-        h = self.h
-        full[c0 - h : c0 + h + 1, c0 - h : c0 + h + 1, c0 - h : c0 + h + 1] = ft
-        vol = ifftn_centered(full)
-        lo = c0 - self.n // 2
-        vol = vol[lo : lo + self.n, lo : lo + self.n, lo : lo + self.n]
-        return gridding_correct(vol, self.pad).to(torch.float32)
+        ft = torch.complex(data[..., 0], data[..., 1]).to(torch.complex128) * d
+        vol = ifftn_centered(recentre(ft, self.pad * self.n))
+        vol = recentre(vol, self.n)
+        vol = gridding_correct(vol, self.pad)
+        if mask_edge:
+            # as RELION: zero beyond the box's inscribed sphere (soft edge of 3 pixels inside it)
+            vol = vol * torch.as_tensor(soft_sphere(self.n, self.n / 2 - 3, 3.0), device=vol.device, dtype=vol.dtype)
+        return vol.to(torch.float32)

@@ -68,6 +68,7 @@ def ctf_half_plane(
         return torch.as_tensor(np.asarray(x, dtype=np.float64), device=device)[:, None, None]
 
     kx, ky = half_plane_freqs(box, device=device, dtype=torch.float64)
+    # (the phase reaches ~10² rad at Nyquist; float64 keeps it exact to RELION's double precision)
     kx = kx / (box * pixel_size)
     ky = ky / (box * pixel_size)
     k2 = kx**2 + ky**2

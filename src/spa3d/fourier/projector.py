@@ -20,8 +20,23 @@ from spa3d.fourier.grid import fftn_centered, half_plane_freqs
 
 
 def cube_halfwidth(n: int, pad: int, r_max: float) -> int:
-    """Half-width h (padded voxels) of the cropped Fourier cube of size 2h+1."""
-    return int(min(math.ceil(r_max * pad) + 2, pad * n // 2 - 1))
+    """Half-width h (padded voxels) of the cropped Fourier cube of size 2h+1.
+
+    Every trilinear neighbour of a frequency with |k| <= r_max lies inside.
+    """
+    return int(math.ceil(r_max * pad) + 2)
+
+
+def recentre(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop or zero-pad a centred cube (centre at len//2) to ``size`` per axis (centre at size//2)."""
+    n = x.shape[0]
+    out = torch.zeros((size,) * 3 + tuple(x.shape[3:]), dtype=x.dtype, device=x.device)
+    lo = min(n // 2, size // 2)  # voxels kept below the centre
+    hi = min(n - n // 2, size - size // 2)  # at and above the centre
+    a, b = n // 2 - lo, n // 2 + hi
+    c, d = size // 2 - lo, size // 2 + hi
+    out[c:d, c:d, c:d] = x[a:b, a:b, a:b]
+    return out
 
 
 def gridding_correct(vol: torch.Tensor, pad: int) -> torch.Tensor:
@@ -66,8 +81,7 @@ class Projector:
         padded[lo : lo + n, lo : lo + n, lo : lo + n] = gridding_correct(vol, pad)
         ft = fftn_centered(padded)
         h = cube_halfwidth(n, pad, self.r_max)
-        c = npad // 2
-        ft = ft[c - h : c + h + 1, c - h : c + h + 1, c - h : c + h + 1]
+        ft = recentre(ft, 2 * h + 1)
         self.h = h
         # grid_sample input: (1, 2, D, H, W) with channels (real, imag)
         self._cube = torch.stack([ft.real, ft.imag]).to(dtype)[None].contiguous()

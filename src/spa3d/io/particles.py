@@ -159,7 +159,7 @@ class ParticleSet:
             voltage=self.column("rlnVoltage").astype(float),
             cs=self.column("rlnSphericalAberration").astype(float),
             amplitude_contrast=self.column("rlnAmplitudeContrast", 0.1).astype(float),
-            bfactor=self.column("rlnCtfBFactor", 0.0).astype(float),
+            bfactor=self.column("rlnCtfBfactor", 0.0).astype(float),
             scale=self.column("rlnCtfScalefactor", 1.0).astype(float),
             phase_shift=self.column("rlnPhaseShift", 0.0).astype(float),
         ).subset(idx)

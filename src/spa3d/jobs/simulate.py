@@ -163,7 +163,7 @@ def simulate(inputs: list[str], out_dir: str | Path, opts: SimulationOptions) ->
         _write_particle_stack(out, projectors, labels, mats, offsets, ctf, noise_sigma, o, rng)
     if ctf is not None:
         df["rlnDefocusU"], df["rlnDefocusV"], df["rlnDefocusAngle"] = ctf.defocus_u, ctf.defocus_v, ctf.defocus_angle
-        df["rlnCtfBFactor"], df["rlnCtfScalefactor"], df["rlnPhaseShift"] = 0.0, 1.0, 0.0
+        df["rlnCtfBfactor"], df["rlnCtfScalefactor"], df["rlnPhaseShift"] = 0.0, 1.0, 0.0
     df["rlnOpticsGroup"] = 1
     df["rlnGroupNumber"] = 1
     df["rlnAngleRot"], df["rlnAngleTilt"], df["rlnAnglePsi"] = rot, tilt, psi

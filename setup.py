@@ -1,0 +1,18 @@
+"""Build spa3d's optional C kernels (plain C, loaded with ctypes).
+
+Everything else is in pyproject.toml. Without a C compiler the build of the
+kernels is skipped and spa3d uses its (slower) torch code path instead.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "spa3d.kernels._trilinear",
+            sources=["src/spa3d/kernels/trilinear.c"],
+            extra_compile_args=["-O3", "-ffp-contract=off"],
+            optional=True,
+        )
+    ]
+)
