@@ -45,6 +45,14 @@ def _cmd_reconstruct(a) -> None:
     reconstruct(a.i, a.o, opts)
 
 
+def _cmd_demo(a) -> None:
+    from spa3d.jobs.demo import run_demo
+    from spa3d.jobs.progress import setup_logging
+
+    setup_logging(quiet=a.quiet)
+    run_demo(a.project, n_particles=a.n, seed=a.seed, device=a.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spa3d", description="Single-particle cryo-EM: 2D particles to 3D maps, "
                                      "RELION-compatible (STAR, MRC, RELION conventions).")
@@ -92,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("demo", help="run the workflow end to end on the embedded default data (PDB 1TII)",
+                       description="Simulate micrographs and particles of the embedded structure, then run spa3d's "
+                                   "jobs on them and report resolution against the ground truth.")
+    p.add_argument("--project", default=None, help="project directory (default: a new ./spa3d_demo*)")
+    p.add_argument("--n", type=int, default=2000, help="number of particles (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -72,7 +72,7 @@ def density_from_atoms(xyz: np.ndarray, weights: np.ndarray, box: int, pixel_siz
     kr = np.fft.rfftfreq(box, d=pixel_size)
     k2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + kr[None, None, :] ** 2
     g = np.exp(-2 * np.pi**2 * sigma**2 * k2)
-    vol = np.fft.irfftn(np.fft.rfftn(vol) * g, s=vol.shape)
+    vol = np.fft.irfftn(np.fft.rfftn(vol) * g, s=vol.shape, axes=(0, 1, 2))
     return vol.astype(np.float32)
 
 

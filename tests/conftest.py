@@ -1,0 +1,78 @@
+"""Shared fixtures: small simulated datasets and access to RELION (the oracle)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spa3d.data import default_structure
+from spa3d.io.atomic import model_density
+from spa3d.io.mrc import write_map
+from spa3d.jobs.simulate import SimulationOptions, simulate
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _relion(program: str) -> str:
+    path = shutil.which(program)
+    if path is None:
+        msg = f"{program} not found: install RELION 3.1 (apt-get install -y relion)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def relion():
+    """Run a RELION program: ``relion('relion_project', '--i', ..., cwd=dir)``."""
+
+    def run(program: str, *args, cwd=None):
+        exe = _relion(program)
+        res = subprocess.run([exe, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{program} failed ({res.returncode}): {res.stderr[-2000:]}")
+        return res
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def truth_map(tmp_path_factory):
+    """1TII density, box 64, 2 Å/pixel: (array, path)."""
+    d = tmp_path_factory.mktemp("truth")
+    vol = model_density(default_structure(), 64, 2.0, 4.0)
+    path = d / "truth.mrc"
+    write_map(path, vol, 2.0)
+    return vol, path
+
+
+@pytest.fixture(scope="session")
+def sim_dataset(tmp_path_factory):
+    """1,000 particles of 1TII simulated by spa3d (box 64, 2 Å/px, SNR 0.1, CTF): the project directory."""
+    d = tmp_path_factory.mktemp("sim")
+    simulate([default_structure()], d, SimulationOptions(n_particles=1000, snr=0.1, seed=1))
+    return d
+
+
+@pytest.fixture(scope="session")
+def relion_dataset(tmp_path_factory, relion):
+    """2,000 particles of 1TII projected by relion_project (box 64, 2 Å/px) with spa3d's random poses,
+    offsets and CTFs: ``clean.star`` noise-free, ``noisy.star`` with white noise at SNR ≈ 0.1."""
+    d = tmp_path_factory.mktemp("relion")
+    simulate([default_structure()], d / "poses", SimulationOptions(n_particles=2000, snr=1.0, seed=2))
+    for f in ("particles.star", "truth_class001.mrc"):
+        shutil.copy(d / "poses" / f, d / f)
+    relion("relion_project", "--i", "truth_class001.mrc", "--ang", "particles.star", "--ctf", "--o", "clean", cwd=d)
+    from spa3d.io.particles import ParticleSet
+
+    clean = ParticleSet(d / "clean.star").read(np.arange(200))
+    sigma = float(np.sqrt(clean.var(axis=(1, 2)).mean() / 0.1))
+    relion("relion_project", "--i", "truth_class001.mrc", "--ang", "particles.star", "--ctf", "--o", "noisy",
+           "--add_noise", "--white_noise", f"{sigma:.4f}", cwd=d)
+    return d
