@@ -53,6 +53,18 @@ def _cmd_demo(a) -> None:
     run_demo(a.project, n_particles=a.n, seed=a.seed, device=a.device)
 
 
+def _cmd_symmetrize(a) -> None:
+    from spa3d.jobs.symmetry import run_symmetrize
+
+    run_symmetrize(a.i, a.o, a.sym)
+
+
+def _cmd_align_symmetry(a) -> None:
+    from spa3d.jobs.symmetry import run_align_symmetry
+
+    run_align_symmetry(a.i, a.o, a.sym, working_box=a.box_size, keep_centre=a.keep_centre)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spa3d", description="Single-particle cryo-EM: 2D particles to 3D maps, "
                                      "RELION-compatible (STAR, MRC, RELION conventions).")
@@ -100,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("symmetrize", help="impose a point group on a map (as relion_image_handler --sym)",
+                       description="Average a map over the rotations of a point group (RELION's axes).")
+    p.add_argument("--i", required=True, help="input map (.mrc)")
+    p.add_argument("--o", required=True, help="output map (.mrc)")
+    p.add_argument("--sym", required=True, help="point group: Cn, Dn, T, O, I (I2), I1, I3, I4")
+    p.set_defaults(func=_cmd_symmetrize)
+
+    p = sub.add_parser("align-symmetry", help="rotate a map so its symmetry axes lie on RELION's axes",
+                       description="Find the rotation (after re-centring on the centre of mass) that puts the "
+                                   "map's symmetry axes on RELION's convention for the group, as "
+                                   "relion_align_symmetry does; print it and how symmetric the map is.")
+    p.add_argument("--i", required=True, help="input map (.mrc)")
+    p.add_argument("--o", required=True, help="output map (.mrc)")
+    p.add_argument("--sym", required=True, help="point group: Cn, Dn, T, O, I")
+    p.add_argument("--box-size", type=int, default=32, help="working box in pixels for the search (default 32)")
+    p.add_argument("--keep-centre", action="store_true", help="do not re-centre the map on its centre of mass")
+    p.set_defaults(func=_cmd_align_symmetry)
 
     p = sub.add_parser("demo", help="run the workflow end to end on the embedded default data (PDB 1TII)",
                        description="Simulate micrographs and particles of the embedded structure, then run spa3d's "

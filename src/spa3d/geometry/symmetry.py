@@ -65,5 +65,11 @@ def symmetry_matrices(name: str) -> np.ndarray:
     return mats
 
 
+def generator_matrices(name: str) -> np.ndarray:
+    """The rotations (k, 3, 3) that generate point group ``name`` (RELION's generator axes)."""
+    gens = [rotation_about_axis(axis, 360.0 / fold) for fold, axis in _generators(name) if fold > 1]
+    return np.array(gens).reshape(-1, 3, 3)
+
+
 def group_order(name: str) -> int:
     return len(symmetry_matrices(name))

@@ -1,0 +1,83 @@
+"""Rotate, shift, resample and symmetrise 3D maps (real space, trilinear or Fourier).
+
+Maps are (z, y, x) arrays centred at index n//2. ``rotate_map(vol, R)``
+returns the map whose value at x (pixels from the centre, as (x, y, z)) is
+``vol(R @ x)``: the density is turned by Rᵀ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spa3d.geometry.symmetry import symmetry_matrices
+
+
+def _centred_points(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    c = torch.arange(n, device=device, dtype=dtype) - n // 2
+    zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
+    return torch.stack([xx, yy, zz], dim=-1)  # (n, n, n, 3) as (x, y, z)
+
+
+def rotate_maps(vol, rotations: np.ndarray) -> torch.Tensor:
+    """Maps ``vol(R @ x)`` for each R of ``rotations`` (G, 3, 3): tensor (G, n, n, n), trilinear, zero outside."""
+    v = torch.as_tensor(np.asarray(vol, dtype=np.float32))
+    n = v.shape[-1]
+    pts = _centred_points(n)
+    rots = torch.as_tensor(np.asarray(rotations), dtype=torch.float32)
+    src = torch.einsum("zyxj,gij->gzyxi", pts, rots) + n // 2  # index coordinates (x, y, z)
+    grid = src / (n - 1) * 2 - 1
+    out = F.grid_sample(v[None, None].expand(len(rots), 1, n, n, n), grid, mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    return out[:, 0]
+
+
+def rotate_map(vol, rotation: np.ndarray) -> np.ndarray:
+    """The map ``vol(R @ x)`` (see module docstring), float32 numpy."""
+    return rotate_maps(vol, np.asarray(rotation)[None])[0].numpy()
+
+
+def symmetrize(vol, symmetry: str) -> np.ndarray:
+    """Average of a map over the rotations of point group ``symmetry`` (what relion_image_handler --sym does)."""
+    ops = symmetry_matrices(symmetry)
+    out = torch.zeros(np.asarray(vol).shape, dtype=torch.float32)
+    for s in range(0, len(ops), 12):
+        out += rotate_maps(vol, ops[s:s + 12]).sum(0)
+    return (out / len(ops)).numpy()
+
+
+def shift_map(vol, shift_xyz) -> np.ndarray:
+    """Shift a map by (x, y, z) pixels (Fourier phase shift, periodic)."""
+    v = np.asarray(vol, dtype=np.float64)
+    n = v.shape
+    kz = np.fft.fftfreq(n[0])[:, None, None]
+    ky = np.fft.fftfreq(n[1])[None, :, None]
+    kx = np.fft.rfftfreq(n[2])[None, None, :]
+    sx, sy, sz = shift_xyz
+    phase = np.exp(-2j * np.pi * (kx * sx + ky * sy + kz * sz))
+    return np.fft.irfftn(np.fft.rfftn(v) * phase, s=n, axes=(0, 1, 2)).astype(np.float32)
+
+
+def centre_of_mass(vol) -> np.ndarray:
+    """Centre of mass (x, y, z) in pixels from the box centre, of the positive density."""
+    v = np.clip(np.asarray(vol, dtype=np.float64), 0, None)
+    n = v.shape[0]
+    c = np.arange(n) - n // 2
+    total = v.sum()
+    if total <= 0:
+        return np.zeros(3)
+    return np.array([(v.sum((0, 1)) * c).sum(), (v.sum((0, 2)) * c).sum(), (v.sum((1, 2)) * c).sum()]) / total
+
+
+def fourier_resample(vol, new_size: int) -> np.ndarray:
+    """Crop (or pad) a map's Fourier transform to ``new_size`` voxels per axis; the pixel grows by n/new_size."""
+    v = np.asarray(vol, dtype=np.float64)
+    n = v.shape[0]
+    ft = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(v)))
+    out = np.zeros((new_size,) * 3, dtype=complex)
+    m = min(n, new_size)
+    a, b = n // 2 - m // 2, new_size // 2 - m // 2
+    out[b:b + m, b:b + m, b:b + m] = ft[a:a + m, a:a + m, a:a + m]
+    res = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(out))).real * (new_size / n) ** 3
+    return res.astype(np.float32)
