@@ -94,7 +94,7 @@ def translation_grid(offset_range: float, offset_step: float) -> np.ndarray:
     if offset_step <= 0 or offset_range <= 0:
         return np.zeros((1, 2))
     m = int(np.floor(offset_range / offset_step + 1e-6))
-    g = np.arange(-m, m + 1) * offset_step
+    g = np.arange(-m, m + 1) * float(offset_step)
     x, y = np.meshgrid(g, g, indexing="xy")
     keep = x**2 + y**2 <= offset_range**2 + 1e-6
     return np.stack([x[keep], y[keep]], axis=1)

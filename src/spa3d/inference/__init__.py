@@ -1,0 +1,1 @@
+"""Inference: likelihoods over poses (the E-step kernel) and, in time, the EM and SGD loops."""

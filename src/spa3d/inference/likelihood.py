@@ -1,0 +1,79 @@
+"""The E-step's hot path: Gaussian log-likelihoods of images over (translation, rotation) as GEMMs.
+
+For images X_b (half-plane Fourier pixels p inside the current radius), CTFs
+C_b, translations t (phase factors S_t) and reference projections P_r:
+
+    −2·log L(b, t, r) = Σ_p w_p |X_b S_t − C_b P_r|²
+                      = Σ w|X|²  − 2·Re Σ_p conj(w X_b S_t C_b) P_r  +  Σ_p (w C_b²) |P_r|²
+
+with w_p = m_p / σ²_p (m_p = 2 for half-plane pixels that stand for their
+Friedel mate, 1 on the kx = 0 and Nyquist columns). The middle term is one
+real GEMM of shape (B·T, 2P) × (2P, R), the last (B, P) × (P, R): almost all
+FLOPs of a search are in these two products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from spa3d.fourier.grid import half_plane_freqs
+
+
+@dataclass
+class FourierPixels:
+    """The half-plane pixels inside radius ``r_max`` (cycles per box) of an n-pixel box."""
+
+    n: int
+    r_max: float
+    index: torch.Tensor  # (P,) flat index into the (n, n//2+1) half-plane
+    shell: torch.Tensor  # (P,) integer radius
+    multiplicity: torch.Tensor  # (P,) 1 or 2
+    kx: torch.Tensor
+    ky: torch.Tensor
+
+    @classmethod
+    def make(cls, n: int, r_max: float, device=None) -> "FourierPixels":
+        kx, ky = half_plane_freqs(n, device=device)
+        r = torch.sqrt(kx**2 + ky**2)
+        inside = (r <= r_max).reshape(-1)
+        idx = inside.nonzero()[:, 0]
+        kxf, kyf = kx.reshape(-1)[idx], ky.reshape(-1)[idx]
+        mult = torch.where((kxf == 0) | (kxf == n // 2), 1.0, 2.0)
+        # kx = 0 column: ky and -ky are both listed and are mates of each other; count each once
+        return cls(n, r_max, idx, torch.round(r.reshape(-1)[idx]).long(), mult, kxf, kyf)
+
+    def take(self, half_plane: torch.Tensor) -> torch.Tensor:
+        """(..., n, n//2+1) -> (..., P)."""
+        return half_plane.reshape(*half_plane.shape[:-2], -1)[..., self.index]
+
+    def shift_phases(self, shifts_px: torch.Tensor) -> torch.Tensor:
+        """Phase factors (T, P) moving an image by +shift (x, y) pixels."""
+        arg = -2 * torch.pi / self.n * (shifts_px[:, :1] * self.kx[None] + shifts_px[:, 1:] * self.ky[None])
+        return torch.polar(torch.ones_like(arg), arg)
+
+
+def log_likelihoods(images: torch.Tensor, ctf: torch.Tensor | None, weights: torch.Tensor,
+                    projections: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+    """Log-likelihoods (B, T, R), up to a constant per image.
+
+    images: (B, P) complex; ctf: (B, P) real or None; weights: (P,) real (m/σ²);
+    projections: (R, P) complex; phases: (T, P) complex (image shifts).
+    """
+    b, p = images.shape
+    t = phases.shape[0]
+    x = images[:, None, :] * phases[None]  # (B, T, P)
+    c = ctf if ctf is not None else torch.ones(b, p, dtype=weights.dtype, device=weights.device)
+    a = (x * (c * weights)[:, None, :]).reshape(b * t, p)  # w C X S
+    a_ri = torch.cat([a.real, a.imag], dim=1)  # (BT, 2P)
+    p_ri = torch.cat([projections.real, projections.imag], dim=1)  # (R, 2P)
+    cross = (a_ri @ p_ri.T).reshape(b, t, -1)  # Re Σ conj(wCXS)·P  = Σ (a_r p_r + a_i p_i)
+    power = (c * c * weights) @ (projections.real**2 + projections.imag**2).T  # (B, R)
+    norm_x = ((images.real**2 + images.imag**2) * weights).sum(1)  # (B,)
+    return -0.5 * (norm_x[:, None, None] - 2 * cross + power[:, None, :])
+
+
+def gemm_flops(b: int, t: int, r: int, p: int) -> int:
+    """FLOPs of the two products in :func:`log_likelihoods`."""
+    return 2 * (b * t) * (2 * p) * r + 2 * b * p * r
