@@ -8,6 +8,7 @@ reported as one line ``spa3d <job>: error: <file>: <problem>`` and exit 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from spa3d import __version__
@@ -23,7 +24,11 @@ def _cmd_simulate(a) -> None:
     from spa3d.jobs.progress import setup_logging
     from spa3d.jobs.simulate import SimulationOptions, simulate
 
-    setup_logging(quiet=a.quiet)
+    from pathlib import Path
+
+    Path(a.o).mkdir(parents=True, exist_ok=True)
+    setup_logging(Path(a.o) / "simulate.log", quiet=a.quiet)
+    logging.getLogger("spa3d").info("spa3d " + " ".join(sys.argv[1:]))
     opts = SimulationOptions(
         n_particles=a.n, box=a.box, pixel_size=a.angpix, snr=a.snr,
         fractions=[float(x) for x in a.fractions.split(",")] if a.fractions else None,
