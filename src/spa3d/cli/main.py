@@ -70,6 +70,22 @@ def _cmd_align_symmetry(a) -> None:
     run_align_symmetry(a.i, a.o, a.sym, working_box=a.box_size, keep_centre=a.keep_centre)
 
 
+def _cmd_initial_model(a) -> None:
+    from spa3d.geometry.sampling import healpix_order_for_sampling
+    from spa3d.inference.sgd import SgdSchedule
+    from spa3d.jobs.initial_model import InitialModelOptions, run_initial_model
+
+    order = a.healpix_order if a.healpix_order is not None else healpix_order_for_sampling(a.angular_sampling)
+    sched = SgdSchedule(a.sgd_ini_iter, a.sgd_inbetween_iter, a.sgd_fin_iter, a.sgd_ini_resol, a.sgd_fin_resol,
+                        a.sgd_ini_subset, a.sgd_fin_subset)
+    o = InitialModelOptions(n_classes=a.K, symmetry=a.sym, particle_diameter=a.particle_diameter,
+                            flatten_solvent=a.flatten_solvent, ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak,
+                            ctf_phase_flipped=a.ctf_phase_flipped, healpix_order=order, offset_range=a.offset_range,
+                            offset_step=a.offset_step, schedule=sched, write_iter=a.sgd_write_iter, seed=a.seed,
+                            device=a.device, threads=a.threads)
+    run_initial_model(a.i, a.o, o, continue_from=a.continue_from)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spa3d", description="Single-particle cryo-EM: 2D particles to 3D maps, "
                                      "RELION-compatible (STAR, MRC, RELION conventions).")
@@ -117,6 +133,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("initial-model", help="de novo initial model by SGD (RELION 3.1 InitialModel)",
+                       description="Build a 3D map from particles alone by stochastic gradient descent. Defaults "
+                                   "are the RELION tutorial's values (step 17).")
+    p.add_argument("--i", default=None, help="particle STAR file")
+    p.add_argument("--o", required=True, help="job directory")
+    p.add_argument("--K", type=int, default=1, help="number of classes (default 1)")
+    p.add_argument("--sym", default="C1", help="point group (default C1)")
+    p.add_argument("--particle-diameter", type=float, default=200.0, help="mask diameter in Å (default 200)")
+    p.add_argument("--flatten-solvent", action=argparse.BooleanOptionalAction, default=True,
+                   help="flatten and enforce non-negative solvent (default on)")
+    p.add_argument("--ctf", action=argparse.BooleanOptionalAction, default=True, help="CTF correction (default on)")
+    p.add_argument("--ctf-intact-first-peak", action="store_true")
+    p.add_argument("--ctf-phase-flipped", action="store_true")
+    p.add_argument("--angular-sampling", type=float, default=15.0, help="angular sampling in degrees (default 15)")
+    p.add_argument("--healpix-order", type=int, default=None, help="HEALPix order (overrides --angular-sampling)")
+    p.add_argument("--offset-range", type=float, default=6.0, help="offset search range in pixels (default 6)")
+    p.add_argument("--offset-step", type=float, default=2.0, help="offset search step in pixels (default 2)")
+    p.add_argument("--sgd-ini-iter", type=int, default=25)
+    p.add_argument("--sgd-inbetween-iter", type=int, default=100)
+    p.add_argument("--sgd-fin-iter", type=int, default=25)
+    p.add_argument("--sgd-write-iter", type=int, default=10)
+    p.add_argument("--sgd-ini-resol", type=float, default=35.0, help="initial resolution in Å (default 35)")
+    p.add_argument("--sgd-fin-resol", type=float, default=15.0, help="final resolution in Å (default 15)")
+    p.add_argument("--sgd-ini-subset", type=int, default=100)
+    p.add_argument("--sgd-fin-subset", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--continue", dest="continue_from", default=None, help="run_itNNN_optimiser.star to continue from")
+    _add_device(p)
+    p.set_defaults(func=_cmd_initial_model)
 
     p = sub.add_parser("symmetrize", help="impose a point group on a map (as relion_image_handler --sym)",
                        description="Average a map over the rotations of a point group (RELION's axes).")

@@ -73,6 +73,20 @@ class BackProjector:
             w = weights.to(self.device).to(torch.float32).reshape(b, -1)[:, self._sel].reshape(-1)
         trilinear_scatter(self.acc, coords, torch.cat([vals, w[:, None]], dim=1))
 
+    def insert_pixels(self, values: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor,
+                      kx: torch.Tensor, ky: torch.Tensor) -> None:
+        """Add per-rotation sums (R, P) at half-plane frequencies (kx, ky) (cycles per box, |k| <= r_max).
+
+        This is how the M-step inserts posterior-weighted image sums: one row per
+        rotation instead of one per image and pose.
+        """
+        rot = torch.as_tensor(rotations, device=self.device, dtype=torch.float32)
+        k = torch.stack([kx, ky], dim=1).to(self.device, torch.float32) * self.pad
+        coords = (torch.matmul(k, rot[:, :2, :]) + self.h).reshape(-1, 3)
+        vals = torch.view_as_real(values.to(self.device).to(torch.complex64)).reshape(-1, 2)
+        w = weights.to(self.device).to(torch.float32).reshape(-1)
+        trilinear_scatter(self.acc, coords, torch.cat([vals, w[:, None]], dim=1))
+
     def add(self, other: "BackProjector") -> None:
         """Add another back-projector's accumulators (same n, pad, r_max)."""
         self.acc += other.acc.to(self.device)

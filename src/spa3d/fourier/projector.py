@@ -86,6 +86,15 @@ class Projector:
         # grid_sample input: (1, 2, D, H, W) with channels (real, imag)
         self._cube = torch.stack([ft.real, ft.imag]).to(dtype)[None].contiguous()
 
+    def project_pixels(self, rotations: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+        """Projections (R, P) at the half-plane frequencies (kx, ky) (cycles per box) only."""
+        rot = torch.as_tensor(rotations, device=self.device, dtype=self.dtype)
+        k = torch.stack([kx, ky], dim=1).to(self.device, self.dtype) * self.pad  # (P, 2)
+        coords = torch.matmul(k, rot[:, :2, :])  # (R, P, 3) = pad * A.T @ (kx, ky, 0)
+        grid = (coords / self.h)[None, None]  # (1, 1, R, P, 3)
+        vals = F.grid_sample(self._cube, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return torch.complex(vals[0, 0, 0], vals[0, 1, 0])
+
     def project(self, rotations: torch.Tensor, r_max: float | None = None) -> torch.Tensor:
         """Half-plane FTs (B, n, n//2+1) of the projections for rotations (B, 3, 3)."""
         r_max = self.r_max if r_max is None else min(r_max, self.r_max)

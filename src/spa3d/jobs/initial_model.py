@@ -1,0 +1,158 @@
+"""``spa3d initial-model``: de novo 3D initial model by SGD (RELION 3.1's InitialModel job).
+
+Writes into the job directory, with RELION's names, every ``write_iter``
+iterations and at the last: run_itNNN_classKKK.mrc, run_itNNN_model.star,
+run_itNNN_data.star, run_itNNN_optimiser.star (and run_itNNN_sgd_state.npz,
+which ``--continue run_itNNN_optimiser.star`` resumes from), plus run.log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spa3d.backend.device import select_device
+from spa3d.errors import InputError
+from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
+from spa3d.geometry.sampling import orientation_grid, translation_grid
+from spa3d.inference.sgd import SgdOptions, SgdSchedule, SgdState, initial_state, sgd_iteration
+from spa3d.io.atomic_write import atomic_path
+from spa3d.io.mrc import write_map
+from spa3d.io.particles import ParticleSet
+from spa3d.io.star import read_star, write_star
+from spa3d.jobs.progress import setup_logging
+
+log = logging.getLogger("spa3d")
+
+
+@dataclass
+class InitialModelOptions:
+    n_classes: int = 1
+    symmetry: str = "C1"
+    particle_diameter: float = 200.0
+    flatten_solvent: bool = True
+    ctf: bool = True
+    ctf_intact_first_peak: bool = False
+    ctf_phase_flipped: bool = False
+    healpix_order: int = 1  # GUI 15°: coarse order 1, searched at the fine step (order + 1)
+    offset_range: float = 6.0
+    offset_step: float = 2.0
+    schedule: SgdSchedule = None
+    write_iter: int = 10
+    seed: int = 0
+    device: str | None = None
+    threads: int | None = None
+
+
+def _save_state(job: Path, state: SgdState, it: int) -> None:
+    with atomic_path(job / f"run_it{it:03d}_sgd_state.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, maps=state.maps, momentum=state.momentum, sigma2=state.sigma2,
+                     class_fractions=state.class_fractions, iteration=state.iteration,
+                     rng=np.frombuffer(json.dumps(state.rng_state).encode(), dtype=np.uint8))
+
+
+def _load_state(path: Path) -> SgdState:
+    with np.load(path) as z:
+        rng_state = json.loads(bytes(z["rng"]).decode())
+        return SgdState(z["maps"].copy(), z["momentum"].copy(), z["sigma2"].copy(), z["class_fractions"].copy(),
+                        int(z["iteration"]), rng_state)
+
+
+def _write_iteration(job: Path, ps: ParticleSet, state: SgdState, poses: dict, res: float, o: InitialModelOptions) -> None:
+    it = state.iteration
+    apix = ps.pixel_size
+    names = []
+    for k in range(len(state.maps)):
+        name = job / f"run_it{it:03d}_class{k + 1:03d}.mrc"
+        write_map(name, state.maps[k], apix)
+        names.append(str(name))
+    general = {"rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": ps.box,
+               "rlnCurrentResolution": res, "rlnCurrentImageSize": ps.box, "rlnNrClasses": len(state.maps),
+               "rlnPixelSize": apix, "rlnTau2FudgeFactor": 4.0}
+    classes = pd.DataFrame({"rlnReferenceImage": names, "rlnClassDistribution": state.class_fractions,
+                            "rlnEstimatedResolution": res})
+    sigma = pd.DataFrame({"rlnSpectralIndex": np.arange(len(state.sigma2)), "rlnSigma2Noise": state.sigma2})
+    write_star(job / f"run_it{it:03d}_model.star", {"model_general": general, "model_classes": classes,
+                                                    "model_group_1": sigma})
+    table = ps.table.copy()
+    p = table.particles
+    seen = np.array(sorted(poses))
+    if len(seen):
+        vals = np.array([poses[i] for i in seen])
+        for j, col in enumerate(["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+                                 "rlnClassNumber", "rlnMaxValueProbDistribution"]):
+            if col not in p:
+                p[col] = 0.0
+            p.loc[seen, col] = vals[:, j]
+        p["rlnClassNumber"] = p["rlnClassNumber"].astype(int)
+    table.write(job / f"run_it{it:03d}_data.star")
+    _save_state(job, state, it)
+    write_star(job / f"run_it{it:03d}_optimiser.star", {"optimiser_general": {
+        "rlnOutputRootName": str(job / "run"), "rlnModelStarFile": str(job / f"run_it{it:03d}_model.star"),
+        "rlnExperimentalDataStarFile": str(job / f"run_it{it:03d}_data.star"), "rlnCurrentIteration": it,
+        "rlnRandomSeed": o.seed, "rlnSgdStateFile": str(job / f"run_it{it:03d}_sgd_state.npz")}})
+
+
+def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, continue_from: str | None = None) -> SgdState:
+    job = Path(job_dir)
+    job.mkdir(parents=True, exist_ok=True)
+    setup_logging(job / "run.log")
+    select_device(o.device, o.threads)
+    sched = o.schedule or SgdSchedule()
+    if o.n_classes < 1:
+        raise InputError(None, "--K must be at least 1")
+    if continue_from:
+        opt = read_star(continue_from)
+        gen = opt[next(iter(opt))]
+        state = _load_state(Path(str(gen["rlnSgdStateFile"].iloc[0])))
+        star = star or str(job / f"run_it{state.iteration:03d}_data.star")
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state.rng_state
+    ps = ParticleSet(star)
+    if o.ctf and not ps.has_ctf():
+        raise InputError(star, "--ctf needs rlnDefocusU/V, rlnVoltage and rlnSphericalAberration")
+    apix = ps.pixel_size
+    if o.particle_diameter / apix > ps.box:
+        log.info(f"particle diameter {o.particle_diameter} Å exceeds the box; using the box")
+        o.particle_diameter = ps.box * apix
+    grid = orientation_grid(o.healpix_order + 1, o.symmetry)
+    opts = SgdOptions(n_classes=o.n_classes, particle_diameter=o.particle_diameter, flatten_solvent=o.flatten_solvent,
+                      ctf=o.ctf, ctf_intact_first_peak=o.ctf_intact_first_peak, ctf_phase_flipped=o.ctf_phase_flipped,
+                      rotations=euler_to_matrix(*grid.T), translations=translation_grid(o.offset_range, o.offset_step),
+                      offset_sigma_px=max(o.offset_range / 2, 1.0))
+    if not continue_from:
+        rng = np.random.default_rng(o.seed)
+        state = initial_state(ps, opts, sched, rng)
+    log.info(f"initial model: {len(ps)} particles, box {ps.box}, {apix:.3f} Å/px, K={o.n_classes}, "
+             f"{len(grid)} orientations x {len(opts.translations)} translations, {sched.total} iterations")
+    poses: dict[int, tuple] = {}
+    start = time.perf_counter()
+    first_it = state.iteration
+    res = sched.at(max(state.iteration, 1))[0]
+    while state.iteration < sched.total:
+        t0 = time.perf_counter()
+        out = sgd_iteration(ps, state, opts, sched, rng)
+        post = out["posterior"]
+        res = out["resolution"]
+        mats = opts.rotations[post.best_rotation]
+        r, t, p = matrix_to_euler(mats)
+        tr = opts.translations[post.best_translation] * apix
+        for j, i in enumerate(out["indices"]):
+            poses[int(i)] = (r[j], t[j], p[j], tr[j, 0], tr[j, 1], post.best_class[j] + 1, post.max_posterior[j])
+        done = state.iteration - first_it
+        elapsed = time.perf_counter() - start
+        left = elapsed / done * (sched.total - state.iteration)
+        log.info(f"iteration {state.iteration}/{sched.total}: {res:.1f} Å, mini-batch {out['subset']}, "
+                 f"{out['subset'] / (time.perf_counter() - t0):.0f} particles/s, {left:.0f} s left")
+        state.rng_state = rng.bit_generator.state
+        if state.iteration % o.write_iter == 0 or state.iteration == sched.total:
+            _write_iteration(job, ps, state, poses, res, o)
+    log.info(f"done in {time.perf_counter() - start:.1f} s: {job / f'run_it{state.iteration:03d}_class001.mrc'}")
+    return state
