@@ -83,6 +83,7 @@ class SgdOptions:
     step_size: float = 0.5
     momentum: float = 0.9
     tau2_fudge: float = 4.0
+    symmetry_ops: np.ndarray | None = None  # (G, 3, 3) point group imposed on every mini-batch reconstruction
 
 
 def image_pixels(ps: ParticleSet, idx: np.ndarray, px: FourierPixels, mask2d: torch.Tensor, o: SgdOptions):
@@ -167,7 +168,7 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
         power = torch.zeros(nsh, dtype=torch.float64).index_add_(0, sh[keep], (ref_ft.abs() ** 2)[keep])
         power = power / torch.zeros(nsh, dtype=torch.float64).index_add_(0, sh[keep], torch.ones_like(sh[keep], dtype=torch.float64)).clamp_min(1)
         tau2 = (o.tau2_fudge * power.numpy() / np.maximum(state.sigma2, 1e-12))
-        v_batch = bps[k].reconstruct(tau2=tau2).numpy()
+        v_batch = bps[k].reconstruct(symmetry_ops=o.symmetry_ops, tau2=tau2).numpy()
         v_batch = lowpass(v_batch, apix, res)
         grad = v_batch - state.maps[k]
         state.momentum[k] = o.momentum * state.momentum[k] + o.step_size * grad

@@ -21,6 +21,7 @@ from spa3d.backend.device import select_device
 from spa3d.errors import InputError
 from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import orientation_grid, translation_grid
+from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.sgd import SgdOptions, SgdSchedule, SgdState, initial_state, sgd_iteration
 from spa3d.io.atomic_write import atomic_path
 from spa3d.io.mrc import write_map
@@ -126,7 +127,7 @@ def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, co
     opts = SgdOptions(n_classes=o.n_classes, particle_diameter=o.particle_diameter, flatten_solvent=o.flatten_solvent,
                       ctf=o.ctf, ctf_intact_first_peak=o.ctf_intact_first_peak, ctf_phase_flipped=o.ctf_phase_flipped,
                       rotations=euler_to_matrix(*grid.T), translations=translation_grid(o.offset_range, o.offset_step),
-                      offset_sigma_px=max(o.offset_range / 2, 1.0))
+                      offset_sigma_px=max(o.offset_range / 2, 1.0), symmetry_ops=symmetry_matrices(o.symmetry))
     if not continue_from:
         rng = np.random.default_rng(o.seed)
         state = initial_state(ps, opts, sched, rng)
