@@ -83,6 +83,9 @@ def _cmd_initial_model(a) -> None:
                             ctf_phase_flipped=a.ctf_phase_flipped, healpix_order=order, offset_range=a.offset_range,
                             offset_step=a.offset_step, schedule=sched, write_iter=a.sgd_write_iter, seed=a.seed,
                             device=a.device, threads=a.threads)
+    from spa3d.jobs.progress import setup_logging
+
+    setup_logging(quiet=a.quiet)
     run_initial_model(a.i, a.o, o, continue_from=a.continue_from)
 
 
@@ -161,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sgd-fin-subset", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--continue", dest="continue_from", default=None, help="run_itNNN_optimiser.star to continue from")
+    p.add_argument("--quiet", action="store_true", help="no progress on the terminal (the job's run.log still has it)")
     _add_device(p)
     p.set_defaults(func=_cmd_initial_model)
 

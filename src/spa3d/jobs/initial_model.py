@@ -27,7 +27,7 @@ from spa3d.io.atomic_write import atomic_path
 from spa3d.io.mrc import write_map
 from spa3d.io.particles import ParticleSet
 from spa3d.io.star import read_star, write_star
-from spa3d.jobs.progress import setup_logging
+from spa3d.jobs.progress import add_log_file
 
 log = logging.getLogger("spa3d")
 
@@ -104,7 +104,7 @@ def _write_iteration(job: Path, ps: ParticleSet, state: SgdState, poses: dict, r
 def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, continue_from: str | None = None) -> SgdState:
     job = Path(job_dir)
     job.mkdir(parents=True, exist_ok=True)
-    setup_logging(job / "run.log")
+    add_log_file(job / "run.log")
     select_device(o.device, o.threads)
     sched = o.schedule or SgdSchedule()
     if o.n_classes < 1:

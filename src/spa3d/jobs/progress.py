@@ -13,6 +13,7 @@ def setup_logging(logfile=None, quiet: bool = False) -> None:
     """Log INFO to stderr (unless quiet) and to ``logfile`` when given."""
     root = logging.getLogger("spa3d")
     root.setLevel(logging.INFO)
+    root._spa3d_configured = True
     for h in list(root.handlers):
         root.removeHandler(h)
     if not quiet:
@@ -23,6 +24,22 @@ def setup_logging(logfile=None, quiet: bool = False) -> None:
         fh = logging.FileHandler(logfile)
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         root.addHandler(fh)
+
+
+def add_log_file(path) -> None:
+    """Also write the log to ``path`` (the job's run.log), replacing an earlier log file."""
+    root = logging.getLogger("spa3d")
+    root.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers) \
+            and not getattr(root, "_spa3d_configured", False):
+        setup_logging()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler):
+            root.removeHandler(h)
+            h.close()
+    fh = logging.FileHandler(path)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    root.addHandler(fh)
 
 
 class Progress:
