@@ -21,12 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from relion_data import relion_particles
 
-from spa3d.data import default_structure
 from spa3d.fourier.filters import fsc, resolution_at
 from spa3d.io.mrc import read_map
-from spa3d.io.particles import ParticleSet
-from spa3d.jobs.simulate import SimulationOptions, simulate
 from spa3d.maps.align import superpose
 
 SHORT = dict(ini=10, inbetween=30, fin=10, ini_subset=100, fin_subset=300)
@@ -78,16 +76,7 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="spa3d_bench_im_"))
     work.mkdir(parents=True, exist_ok=True)
-    simulate([default_structure()], work / "poses", SimulationOptions(n_particles=a.n, snr=1.0, seed=12))
-    for f in ("particles.star", "truth_class001.mrc"):
-        shutil.copy(work / "poses" / f, work / f)
-    subprocess.run(["relion_project", "--i", "truth_class001.mrc", "--ang", "particles.star", "--ctf", "--o", "clean"],
-                   cwd=work, check=True, capture_output=True)
-    clean = ParticleSet(work / "clean.star").read(np.arange(min(a.n, 500)))
-    sigma = float(np.sqrt(clean.var(axis=(1, 2)).mean() / a.snr))
-    subprocess.run(["relion_project", "--i", "truth_class001.mrc", "--ang", "particles.star", "--ctf", "--o", "noisy",
-                    "--add_noise", "--white_noise", f"{sigma:.5f}"], cwd=work, check=True, capture_output=True)
-    truth, apix = read_map(work / "truth_class001.mrc")
+    truth, apix = relion_particles(work, a.n, a.snr, seed=12)
 
     rows = []
     plans = [("short", SHORT, not a.skip_relion)]

@@ -17,17 +17,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from relion_data import relion_particles
 
-from spa3d.data import default_structure
 from spa3d.fourier.filters import fsc, resolution_at
 from spa3d.io.mrc import read_map
-from spa3d.io.particles import ParticleSet
 from spa3d.io.star import read_particles_star
-from spa3d.jobs.simulate import SimulationOptions, simulate
 
 _MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
             "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
@@ -61,16 +58,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     # -- data: poses and CTFs from spa3d, images from relion_project -------------------------------
-    simulate([default_structure()], work / "poses", SimulationOptions(n_particles=a.n, snr=1.0, seed=11))
-    for f in ("particles.star", "truth_class001.mrc"):
-        shutil.copy(work / "poses" / f, work / f)
-    subprocess.run(["relion_project", "--i", "truth_class001.mrc", "--ang", "particles.star", "--ctf", "--o", "clean"],
-                   cwd=work, check=True, capture_output=True)
-    clean = ParticleSet(work / "clean.star").read(np.arange(min(a.n, 500)))
-    sigma = float(np.sqrt(clean.var(axis=(1, 2)).mean() / a.snr))
-    subprocess.run(["relion_project", "--i", "truth_class001.mrc", "--ang", "particles.star", "--ctf", "--o", "noisy",
-                    "--add_noise", "--white_noise", f"{sigma:.5f}"], cwd=work, check=True, capture_output=True)
-    truth, apix = read_map(work / "truth_class001.mrc")
+    truth, apix = relion_particles(work, a.n, a.snr, seed=11)
     n = truth.shape[0]
 
     # -- both reconstructions ----------------------------------------------------------------------

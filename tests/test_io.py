@@ -5,14 +5,12 @@ import shutil
 
 import mrcfile
 import numpy as np
-import pandas as pd
 import pytest
 
 from spa3d.cli.main import main
-from spa3d.errors import InputError
 from spa3d.io.mrc import read_map, write_map, write_stack
 from spa3d.io.particles import ParticleSet
-from spa3d.io.star import read_particles_star, read_star, write_star
+from spa3d.io.star import read_particles_star, write_star
 
 
 def test_star_round_trip_keeps_every_column(sim_dataset, tmp_path):

@@ -13,7 +13,6 @@ from spa3d.jobs.simulate import SimulationOptions, _random_ctf
 
 
 def test_log_likelihood_equals_direct_sum():
-    rng = np.random.default_rng(0)
     n, b, r = 16, 3, 5
     px = FourierPixels.make(n, 6)
     p = len(px.index)

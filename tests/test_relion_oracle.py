@@ -2,12 +2,9 @@
 
 import numpy as np
 import pytest
-import torch
 
 from spa3d.cli.main import main
-from spa3d.fourier.ctf import ctf_half_plane
 from spa3d.fourier.filters import fsc, resolution_at, soft_sphere
-from spa3d.fourier.grid import irfft2_centered, phase_shift_2d
 from spa3d.fourier.projector import Projector
 from spa3d.geometry.euler import euler_to_matrix
 from spa3d.io.mrc import read_map
