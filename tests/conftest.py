@@ -52,11 +52,21 @@ def truth_map(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sim_dataset(tmp_path_factory):
-    """1,000 particles of 1TII simulated by spa3d (box 64, 2 Å/px, SNR 0.1, CTF): the project directory."""
-    d = tmp_path_factory.mktemp("sim")
-    simulate([default_structure()], d, SimulationOptions(n_particles=1000, snr=0.1, seed=1))
-    return d
+def make_dataset(tmp_path_factory):
+    """``make_dataset(n, snr, seed)``: particles of 1TII simulated by spa3d (box 64, 2 Å/px, CTF); the project directory."""
+
+    def make(n: int, snr: float, seed: int):
+        d = tmp_path_factory.mktemp("sim")
+        simulate([default_structure()], d, SimulationOptions(n_particles=n, snr=snr, seed=seed))
+        return d
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def sim_dataset(make_dataset):
+    """1,000 particles of 1TII at SNR 0.1."""
+    return make_dataset(1000, 0.1, 1)
 
 
 @pytest.fixture(scope="session")

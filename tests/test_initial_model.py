@@ -4,12 +4,10 @@ import numpy as np
 import pytest
 
 from spa3d.cli.main import main
-from spa3d.data import default_structure
 from spa3d.fourier.filters import fsc, resolution_at
 from spa3d.inference.sgd import SgdSchedule
 from spa3d.io.mrc import read_map
 from spa3d.io.star import read_star
-from spa3d.jobs.simulate import SimulationOptions, simulate
 from spa3d.maps.align import superpose
 
 SHORT = ["--sgd-ini-iter", "4", "--sgd-inbetween-iter", "12", "--sgd-fin-iter", "4", "--sgd-ini-subset", "100",
@@ -17,10 +15,8 @@ SHORT = ["--sgd-ini-iter", "4", "--sgd-inbetween-iter", "12", "--sgd-fin-iter", 
 
 
 @pytest.fixture(scope="module")
-def im_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imdata")
-    simulate([default_structure()], d, SimulationOptions(n_particles=600, snr=0.5, seed=21))
-    return d
+def im_data(make_dataset):
+    return make_dataset(600, 0.5, 21)
 
 
 @pytest.fixture(scope="module")
