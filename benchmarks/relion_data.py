@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import mrcfile
 import numpy as np
 
 from spa3d.data import default_structure
@@ -33,3 +34,83 @@ def relion_particles(work: Path, n: int, snr: float, seed: int) -> tuple[np.ndar
     subprocess.run([*project, "--o", "noisy", "--add_noise", "--white_noise", f"{sigma:.5f}"], cwd=work, check=True,
                    capture_output=True)
     return read_map(work / "truth_class001.mrc")
+
+
+def mixture_maps(box: int = 64, pixel_size: float = 2.0, seed: int = 5) -> list[np.ndarray]:
+    """Three species for classification benchmarks: 1TII's AB5 complex, its B5 ring alone, and junk.
+
+    The junk is an unrelated compact pseudo-protein: a random walk of 250
+    carbon-like "residues" (3.8 Å steps) confined to a 20 Å sphere.
+    """
+    import gemmi
+
+    from spa3d.io.atomic import density_from_atoms
+
+    st = gemmi.read_structure(str(default_structure()))
+    st.remove_hydrogens()
+    st.remove_waters()
+    xyz, z, chain = [], [], []
+    for ch in st[0]:
+        for res in ch:
+            for atom in res:
+                xyz.append(atom.pos.tolist())
+                z.append(atom.element.atomic_number)
+                chain.append(ch.name)
+    xyz, z, chain = np.asarray(xyz), np.asarray(z, dtype=float), np.asarray(chain)
+    ring = np.isin(chain, list("DEFGH"))
+    rng = np.random.default_rng(seed)
+    walk = [np.zeros(3)]
+    while len(walk) < 250:
+        step = rng.normal(size=3)
+        p = walk[-1] + 3.8 * step / np.linalg.norm(step)
+        if np.linalg.norm(p) < 20.0:
+            walk.append(p)
+    walk = np.asarray(walk)
+    junk = density_from_atoms(walk, np.full(len(walk), 7 * 6.6), box, pixel_size)
+    return [density_from_atoms(xyz, z, box, pixel_size), density_from_atoms(xyz[ring], z[ring], box, pixel_size), junk]
+
+
+def relion_mixture(work: Path, n: int, fractions: list[float], snr: float, seed: int) -> list[np.ndarray]:
+    """Particles of the :func:`mixture_maps` species projected by relion_project.
+
+    Writes truth_classNNN.mrc, noisy.star (all particles, no class labels) and
+    truth.star (the same with the true rlnClassNumber) into ``work``; the noise
+    is white, one σ for all species, set from the first species' clean
+    images for the given SNR, and the images are divided by it (unit noise
+    variance, as RELION expects of normalised particles). Returns the true maps.
+    """
+    if shutil.which("relion_project") is None:
+        raise SystemExit("relion_project not found: apt-get install -y relion")
+    from spa3d.io.mrc import write_map
+    from spa3d.io.star import read_star, write_star
+
+    maps = mixture_maps()
+    for k, m in enumerate(maps):
+        write_map(work / f"truth_class{k + 1:03d}.mrc", m, 2.0)
+    simulate([str(work / f"truth_class{k + 1:03d}.mrc") for k in range(len(maps))], work / "poses",
+             SimulationOptions(n_particles=n, snr=1.0, seed=seed, fractions=fractions))
+    tables = read_star(work / "poses" / "particles_truth.star")
+    optics, parts = tables["optics"], tables["particles"]
+    labels = parts["rlnClassNumber"].to_numpy()
+    sigma = None
+    names = parts["rlnImageName"].copy()
+    for k in range(1, len(maps) + 1):
+        sub = parts[labels == k].drop(columns=["rlnClassNumber"])
+        write_star(work / f"poses_{k}.star", {"optics": optics, "particles": sub})
+        project = ["relion_project", "--i", f"truth_class{k:03d}.mrc", "--ang", f"poses_{k}.star", "--ctf"]
+        if sigma is None:
+            subprocess.run([*project, "--o", "clean_1"], cwd=work, check=True, capture_output=True)
+            clean = ParticleSet(work / "clean_1.star").read(np.arange(min(len(sub), 500)))
+            sigma = float(np.sqrt(clean.var(axis=(1, 2)).mean() / snr))
+        subprocess.run([*project, "--o", f"noisy_{k}", "--add_noise", "--white_noise", f"{sigma:.5f}"], cwd=work,
+                       check=True, capture_output=True)
+        # normalised as relion_preprocess --norm leaves particles: background noise of unit variance
+        with mrcfile.open(work / f"noisy_{k}.mrcs", "r+") as mrc:
+            mrc.data[...] = mrc.data / sigma
+        names[labels == k] = [f"{i + 1:06d}@noisy_{k}.mrcs" for i in range(len(sub))]
+    parts = parts.assign(rlnImageName=names)
+    write_star(work / "truth.star", {"optics": optics, "particles": parts})
+    # as picked particles: no class, pose or offset yet
+    drop = [c for c in parts.columns if c == "rlnClassNumber" or c.startswith(("rlnAngle", "rlnOrigin"))]
+    write_star(work / "noisy.star", {"optics": optics, "particles": parts.drop(columns=drop)})
+    return maps

@@ -124,6 +124,25 @@ class BackProjector:
         r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2) / self.pad
         return torch.round(r).long()
 
+    def shell_weights(self, symmetry_ops: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """Weight per original-grid voxel, by shell: (mean per shell (n//2+1,), voxel weights, voxel shells).
+
+        The padded accumulator spreads each insertion over pad³ voxels, so a
+        voxel of the original grid holds pad³ times the mean padded weight.
+        Used for the spectral SNR (weight·τ²) that sets the resolution.
+        """
+        _, weight = self._hermitian_full()
+        _, weight = self._symmetrise(torch.zeros(weight.shape + (2,), dtype=weight.dtype, device=self.device), weight,
+                                     symmetry_ops)
+        w = weight.double() * self.pad**3
+        shell = self.shell_index()
+        nsh = self.n // 2 + 1
+        keep = shell < nsh
+        s = torch.zeros(nsh, dtype=torch.float64, device=self.device).index_add_(0, shell[keep], w[keep])
+        c = torch.zeros(nsh, dtype=torch.float64, device=self.device).index_add_(0, shell[keep],
+                                                                                 torch.ones_like(w[keep]))
+        return (s / c.clamp_min(1)).cpu().numpy(), w, shell
+
     @staticmethod
     def _smooth(x: torch.Tensor, sigma: float = 0.8, radius: int = 2) -> torch.Tensor:
         """Separable Gaussian smoothing (sigma in padded voxels, zero outside) of a (D, D, D) grid."""
@@ -141,13 +160,21 @@ class BackProjector:
         return x
 
     def reconstruct(self, symmetry_ops: np.ndarray | None = None, tau2: np.ndarray | None = None,
-                    n_iter_gridding: int = 10, mask_edge: bool = True) -> torch.Tensor:
+                    n_iter_gridding: int = 10, mask_edge: bool = True,
+                    unregularised_where_tau2_zero: bool = False) -> torch.Tensor:
         """The map (n, n, n), float32, from the accumulators.
 
         Density compensation (Pipe & Menon 1999): find d with
         ``(d·W) ⊛ κ ≈ 1`` (κ a small Gaussian) inside the sphere, W the weight
         plus ``1/tau2`` when a τ² spectrum (per shell, cycles per box) is
-        given; the map's transform is ``data·d``, which is the data convolved
+        given (τ² here is the prior power over the noise power σ², as the
+        weights hold Σ CTF² without 1/σ²). Shells where τ² is zero (the
+        reference had no power there yet) are suppressed (1000·W added), or,
+        with ``unregularised_where_tau2_zero``, left without a prior: that is
+        what RELION's rule for such shells (add 1/(0.001·W/σ²)) amounts to
+        for normalised particles, and it is how the resolution of a
+        classification grows into shells the reference did not have.
+        The map's transform is ``data·d``, which is the data convolved
         with the trilinear kernel: the real-space map is divided by its sinc².
         With ``mask_edge`` the map is zero outside the box's inscribed sphere.
         """
@@ -165,7 +192,8 @@ class BackProjector:
             t2[: len(tt)] = tt.to(w.dtype)
             t2s = t2[shell]
             # 1/tau2 per padded voxel: tau2 is per original voxel, pad**3 padded voxels share it
-            w = w + torch.where(t2s > 0, 1.0 / (self.pad**3 * t2s.clamp_min(1e-30)), 1e3 * weight)
+            zero_term = torch.zeros_like(weight) if unregularised_where_tau2_zero else 1e3 * weight
+            w = w + torch.where(t2s > 0, 1.0 / (self.pad**3 * t2s.clamp_min(1e-30)), zero_term)
         w = torch.where(inside, w, torch.zeros_like(w))
         d = inside.to(w.dtype)
         for _ in range(n_iter_gridding):

@@ -70,3 +70,15 @@ def soft_sphere(n: int, radius: float, edge: float = 5.0, ndim: int = 3) -> np.n
     r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
     m = np.clip((radius + edge - r) / max(edge, 1e-6), 0, 1)
     return (0.5 - 0.5 * np.cos(np.pi * m)).astype(np.float32)
+
+
+def power_spectrum(vol) -> np.ndarray:
+    """Mean |F|² per shell (0 .. n//2) of a map's unnormalised rfftn."""
+    f = torch.fft.rfftn(torch.as_tensor(np.asarray(vol), dtype=torch.float64))
+    n = f.shape[0]
+    shell = torch.round(_radius_grid(f.shape[:-1] + (n,))).long().view(-1)
+    nsh = n // 2 + 1
+    keep = shell < nsh
+    s = torch.zeros(nsh, dtype=torch.float64).index_add_(0, shell[keep], (f.abs() ** 2).reshape(-1)[keep])
+    c = torch.zeros(nsh, dtype=torch.float64).index_add_(0, shell[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+    return (s / c.clamp_min(1)).numpy()

@@ -104,3 +104,38 @@ def canonical_euler(angles: np.ndarray) -> np.ndarray:
     """Round-trip Euler angles (n, 3) through matrices: tilt in [0, 180]."""
     r, t, p = matrix_to_euler(euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]))
     return np.stack([r, t, p], axis=1)
+
+
+def oversampled_orientations(order: int, symmetry: str = "C1") -> tuple[np.ndarray, np.ndarray]:
+    """Coarse orientations (Rc, 3) of HEALPix ``order`` and their 8 children each (Rc·8, 3), Euler degrees.
+
+    One level of oversampling as RELION's adaptive oversampling: the children
+    of coarse sample c (direction d, in-plane angle ψ) are the 4 NESTED
+    sub-pixels 4d..4d+3 of order ``order + 1`` times ψ ± step/4. Child j of
+    coarse sample c is row ``8·c + j``.
+    """
+    rot, tilt = healpix_directions(order)
+    keep = _reduce_directions(rot, tilt, symmetry, order)
+    psi = psi_angles(order)
+    step = 360.0 / len(psi)
+    coarse = np.stack([np.repeat(rot[keep], len(psi)), np.repeat(tilt[keep], len(psi)),
+                       np.tile(psi, len(keep))], axis=1)
+    frot, ftilt = healpix_directions(order + 1)
+    child_dirs = (4 * keep[:, None] + np.arange(4)[None]).reshape(-1)  # (D·4,)
+    d4 = len(child_dirs)
+    # row layout: coarse (d, ψ) -> children (sub-direction s, ψ offset o): 8c + 2s + o
+    cd = child_dirs.reshape(len(keep), 1, 4, 1)
+    dirs = np.broadcast_to(cd, (len(keep), len(psi), 4, 2)).reshape(-1)
+    ps = (psi[None, :, None, None] + np.array([-0.25, 0.25])[None, None, None, :] * step)
+    ps = np.broadcast_to(ps, (len(keep), len(psi), 4, 2)).reshape(-1) % 360.0
+    fine = np.stack([frot[dirs], ftilt[dirs], ps], axis=1)
+    assert d4 * len(psi) * 2 == len(fine)
+    return coarse, fine
+
+
+def oversampled_translations(offset_range: float, offset_step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coarse translations (Tc, 2) pixels and their 4 children each (Tc·4, 2): ± step/4 in x and y."""
+    coarse = translation_grid(offset_range, offset_step)
+    q = 0.25 * offset_step if offset_step > 0 else 0.0
+    d = np.array([[-q, -q], [q, -q], [-q, q], [q, q]])
+    return coarse, (coarse[:, None, :] + d[None]).reshape(-1, 2)

@@ -1,0 +1,1 @@
+"""Measures of results: agreement of classifications, map quality."""

@@ -1,0 +1,293 @@
+"""Coarse-to-fine E-step over class × translation × rotation (RELION's adaptive oversampling).
+
+For a batch of images (already shifted by their current offsets):
+
+1. **Coarse pass**: log-likelihoods of every (class k, coarse translation,
+   coarse rotation) at a coarse radius (the lower of the current radius and
+   ``coarse_radius``), as two GEMMs per class (:mod:`.likelihood`). Each
+   image's posterior over these samples is sorted and the smallest set that
+   holds ``adaptive_fraction`` of it (at most ``max_significant`` samples) is
+   kept: the *significant* coarse samples.
+2. **Fine pass**: for every significant coarse sample its 8 rotation children
+   (HEALPix order + 1, ψ ± step/4) × 4 translation children (± step/4) are
+   scored at the full current radius, in batched matrix products over all
+   images of the batch at once. The posterior of each image is normalised
+   over its fine samples (all others have zero probability).
+3. **Accumulation** (M-step sums): for each fine rotation the posterior-
+   weighted, shifted, CTF-multiplied images are summed (``Σ_t p·X·S_t·C``,
+   weight ``Σ_t p·C²``) and inserted into that class's back-projector.
+
+All quantities are per half-plane Fourier pixel inside a radius in cycles per
+box; translations are in pixels and move the image by +t (the new origin is
+the old origin + t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spa3d.fourier.backprojector import BackProjector
+from spa3d.fourier.projector import Projector
+from spa3d.inference.likelihood import FourierPixels, log_likelihoods
+
+
+@dataclass
+class SearchGrid:
+    """Coarse and fine (oversampled ×8 rotations, ×4 translations) search grids."""
+
+    coarse_rot: torch.Tensor  # (Rc, 3, 3)
+    fine_rot: torch.Tensor  # (Rc·8, 3, 3); children of coarse c are rows 8c..8c+7
+    coarse_trans: torch.Tensor  # (Tc, 2) pixels
+    fine_trans: torch.Tensor  # (Tc·4, 2); children of coarse t are rows 4t..4t+3
+
+
+@dataclass
+class BatchResult:
+    """Per-image results of one batch (arrays of length B) and batch sums."""
+
+    best_class: np.ndarray
+    best_rotation: np.ndarray  # row of the fine rotation grid
+    best_translation: np.ndarray  # (B, 2) pixels, the fine translation found (relative to the old offset)
+    max_posterior: np.ndarray
+    n_significant: np.ndarray
+    log_evidence: np.ndarray
+    class_posterior: np.ndarray  # (B, K)
+    rot_spread_deg: np.ndarray  # posterior RMS angle to the best rotation
+    trans_spread_px: np.ndarray  # posterior RMS distance to the best translation
+    offset_sq_sum: float  # Σ_b Σ p·|old offset + t|² (pixels²), for the offset prior
+    residual_shell: np.ndarray  # (nsh,) Σ_b m·|X·S − C·P|² at the best pose, per shell of the fine radius
+    pixel_shell: np.ndarray  # (nsh,) Σ_b m per shell
+    scale_xa: np.ndarray  # (B,) Σ Re(X·S · conj(C·P)) at the best pose (group scale statistics)
+    scale_aa: np.ndarray  # (B,) Σ |C·P|²
+
+
+def significant_samples(ll: torch.Tensor, fraction: float, max_samples: int):
+    """Indices (flat, per image) of the smallest set of samples holding ``fraction`` of each posterior.
+
+    ll: (B, S) log-posteriors up to a constant. Returns (image index, flat
+    sample index) arrays over all kept samples, and the count per image.
+    """
+    b, s = ll.shape
+    k = min(max_samples, s)
+    top, idx = torch.topk(ll, k, dim=1)
+    p = torch.exp(top - top[:, :1])
+    z = torch.exp(ll - top[:, :1]).sum(1, keepdim=True)
+    cum = torch.cumsum(p / z, dim=1)
+    keep = (cum - p / z) < fraction  # include the sample that crosses the fraction
+    keep[:, 0] = True
+    img = torch.arange(b, device=ll.device)[:, None].expand(b, k)[keep]
+    return img, idx[keep], keep.sum(1)
+
+
+def _segment_logsumexp(values: torch.Tensor, seg: torch.Tensor, n_seg: int):
+    """Per-segment max and log Σ exp of ``values`` (N, M), segments ``seg`` (N,)."""
+    row_max = values.max(1).values
+    mx = torch.full((n_seg,), -torch.inf, dtype=values.dtype, device=values.device)
+    mx = mx.scatter_reduce(0, seg, row_max, reduce="amax")
+    e = torch.exp(values - mx[seg][:, None])
+    z = torch.zeros(n_seg, dtype=values.dtype, device=values.device).index_add_(0, seg, e.sum(1))
+    return mx, torch.log(z)
+
+
+def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torch.Tensor, grid: SearchGrid,
+                 projectors: list[Projector], coarse_refs: list[torch.Tensor], px_coarse: FourierPixels,
+                 px_fine: FourierPixels, sigma2_shell: torch.Tensor, log_class_prior: torch.Tensor,
+                 offset_sigma_px: float, backprojectors: list[BackProjector] | None = None,
+                 allowed_class: torch.Tensor | None = None, hard: bool = False,
+                 adaptive_fraction: float = 0.999, max_significant: int = 256,
+                 prior_rot: torch.Tensor | None = None, sigma_ang: float | None = None,
+                 pair_chunk: int = 2048) -> BatchResult:
+    """E-step (and M-step sums) for one batch.
+
+    x_full: (B, n, n//2+1) complex image FTs shifted by the old offsets;
+    ctf_full: (B, n, n//2+1) CTF (times the group scale), 1 without CTF;
+    old_offsets: (B, 2) pixels; coarse_refs: per class (Rc, Pc) projections at
+    ``px_coarse``; sigma2_shell: noise power per shell; log_class_prior: (K,);
+    allowed_class: (B,) restricts image b to one class (-1 = any);
+    hard: cross-correlation scoring with the best sample taking all the
+    weight (RELION's --firstiter_cc); prior_rot (B, 3, 3) and sigma_ang
+    (degrees): local searches, a Gaussian prior on the angle to the prior
+    rotation, zero beyond 3σ.
+    """
+    dev = x_full.device
+    b = x_full.shape[0]
+    k_cls = len(coarse_refs)
+    n_tc = grid.coarse_trans.shape[0]
+    n_rc = grid.coarse_rot.shape[0]
+
+    def prior_t(total: torch.Tensor) -> torch.Tensor:
+        return -(total**2).sum(-1) / (2 * max(offset_sigma_px, 1e-3) ** 2)
+
+    def prior_r(rots: torch.Tensor, images: torch.Tensor | None, cutoff: bool = True) -> torch.Tensor:
+        """Log prior of rotations (B, R) or, with ``images``, rotations (S, M) of image ``images``."""
+        ref = prior_rot if images is None else prior_rot[images]
+        if images is None:
+            tr = torch.einsum("bij,rij->br", ref, rots)
+        else:
+            tr = torch.einsum("sij,smij->sm", ref, rots)
+        ang = torch.rad2deg(torch.arccos(((tr - 1) / 2).clamp(-1, 1)))
+        lp = -(ang**2) / (2 * sigma_ang**2)
+        return torch.where((ang <= 3 * sigma_ang) | (not cutoff), lp, torch.full_like(lp, -torch.inf))
+
+    local = prior_rot is not None and sigma_ang is not None and sigma_ang > 0
+
+    # ---- coarse pass ----
+    xc = px_coarse.take(x_full)
+    cc = px_coarse.take(ctf_full)
+    if hard:
+        wc = px_coarse.multiplicity.to(torch.float32)
+    else:
+        wc = px_coarse.multiplicity.to(torch.float32) / sigma2_shell[px_coarse.shell].clamp_min(1e-12)
+    phases_c = px_coarse.shift_phases(grid.coarse_trans)
+    lls = []
+    for k in range(k_cls):
+        if hard:
+            ll = _cc_scores(xc, cc, wc, coarse_refs[k], phases_c)
+        else:
+            ll = log_likelihoods(xc, cc, wc, coarse_refs[k], phases_c)
+            ll = ll + prior_t(old_offsets[:, None, :] + grid.coarse_trans[None])[:, :, None]
+            ll = ll + log_class_prior[k]
+        if local:
+            ll = ll + prior_r(grid.coarse_rot, None)[:, None, :]
+        if allowed_class is not None:
+            ok = (allowed_class < 0) | (allowed_class == k)
+            ll = ll.masked_fill(~ok[:, None, None], -torch.inf)
+        lls.append(ll)
+    ll = torch.stack(lls, dim=1).reshape(b, -1)  # (B, K·Tc·Rc)
+    if hard:  # the best coarse sample only
+        flat = ll.argmax(1)
+        img = torch.arange(b, device=dev)
+        n_sig = torch.ones(b, dtype=torch.long, device=dev)
+    else:
+        img, flat, n_sig = significant_samples(ll, adaptive_fraction, max_significant)
+    del ll, lls
+    pk = flat // (n_tc * n_rc)
+    pt = (flat // n_rc) % n_tc
+    pr = flat % n_rc
+
+    # ---- fine pass over the children of every significant coarse sample ----
+    p_fine = px_fine
+    xf = p_fine.take(x_full)
+    cf = p_fine.take(ctf_full)
+    if hard:
+        wf = p_fine.multiplicity.to(torch.float32)
+    else:
+        wf = p_fine.multiplicity.to(torch.float32) / sigma2_shell[p_fine.shell].clamp_min(1e-12)
+    child_r = pr[:, None] * 8 + torch.arange(8, device=dev)[None]  # (S, 8)
+    child_t = pt[:, None] * 4 + torch.arange(4, device=dev)[None]  # (S, 4)
+    # projections of the fine rotations needed in this batch, per class
+    key = pk[:, None] * grid.fine_rot.shape[0] + child_r  # (S, 8) unique id of (class, fine rotation)
+    uniq, inv = torch.unique(key.reshape(-1), return_inverse=True)
+    inv = inv.reshape(key.shape)
+    table = torch.empty((len(uniq), p_fine.kx.shape[0]), dtype=torch.complex64, device=dev)
+    u_cls = uniq // grid.fine_rot.shape[0]
+    u_rot = uniq % grid.fine_rot.shape[0]
+    for k in range(k_cls):
+        sel = (u_cls == k).nonzero()[:, 0]
+        if len(sel):
+            table[sel] = projectors[k].project_pixels(grid.fine_rot[u_rot[sel]], p_fine.kx, p_fine.ky).to(torch.complex64)
+    phases_f = p_fine.shift_phases(grid.fine_trans)
+    n_pairs = len(img)
+    scores = torch.empty((n_pairs, 4, 8), dtype=torch.float32, device=dev)
+    norm_x = ((xf.real**2 + xf.imag**2) * wf).sum(1)  # (B,)
+    for s0 in range(0, n_pairs, pair_chunk):
+        s1 = min(n_pairs, s0 + pair_chunk)
+        ii = img[s0:s1]
+        xs = xf[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
+        a = xs * (cf[ii] * wf)[:, None, :]
+        proj = table[inv[s0:s1]]  # (s, 8, P)
+        cross = torch.bmm(a.real, proj.real.transpose(1, 2)) + torch.bmm(a.imag, proj.imag.transpose(1, 2))
+        power = torch.bmm((cf[ii] ** 2 * wf)[:, None, :], (proj.real**2 + proj.imag**2).transpose(1, 2))  # (s,1,8)
+        if hard:
+            scores[s0:s1] = cross / power.clamp_min(1e-30).sqrt()
+        else:
+            ll = -0.5 * (norm_x[ii][:, None, None] - 2 * cross + power)
+            ll = ll + prior_t(old_offsets[ii][:, None, :] + grid.fine_trans[child_t[s0:s1]])[:, :, None]
+            ll = ll + log_class_prior[pk[s0:s1]][:, None, None]
+            if local:
+                ll = ll + prior_r(grid.fine_rot[child_r[s0:s1]], ii, cutoff=False)[:, None, :]
+            scores[s0:s1] = ll
+    flat_scores = scores.reshape(n_pairs, 32)
+    mx, lse = _segment_logsumexp(flat_scores, img, b)
+    if hard:
+        post = (flat_scores == mx[img][:, None]).to(torch.float32)
+        cnt = torch.zeros(b, device=dev).index_add_(0, img, post.sum(1))
+        post = post / cnt[img][:, None]
+    else:
+        post = torch.exp(flat_scores - (mx + lse)[img][:, None])
+    post = post.reshape(n_pairs, 4, 8)
+    # best sample per image
+    pmax_row = post.reshape(n_pairs, 32).max(1)
+    best_p = torch.zeros(b, device=dev).scatter_reduce(0, img, pmax_row.values, reduce="amax")
+    is_best = pmax_row.values >= best_p[img]
+    pair_of_best = torch.full((b,), -1, dtype=torch.long, device=dev)
+    pair_of_best[img[is_best]] = is_best.nonzero()[:, 0]
+    j = pmax_row.indices[pair_of_best]
+    bt = child_t[pair_of_best, j // 8]
+    br = child_r[pair_of_best, j % 8]
+    bk = pk[pair_of_best]
+    class_post = torch.zeros((b, k_cls), device=dev).index_put_((img, pk), post.sum((1, 2)), accumulate=True)
+    # spreads of the posterior around the best pose
+    r_best = grid.fine_rot[br][img]  # (S, 3, 3)
+    r_child = grid.fine_rot[child_r]  # (S, 8, 3, 3)
+    cosang = ((torch.einsum("sij,skij->sk", r_best, r_child) - 1) / 2).clamp(-1, 1)
+    ang2 = torch.rad2deg(torch.arccos(cosang)) ** 2  # (S, 8)
+    rot_spread = torch.zeros(b, device=dev).index_add_(0, img, (post.sum(1) * ang2).sum(1))
+    t_child = grid.fine_trans[child_t]  # (S, 4, 2)
+    d2 = ((t_child - grid.fine_trans[bt][img][:, None, :]) ** 2).sum(-1)  # (S, 4)
+    trans_spread = torch.zeros(b, device=dev).index_add_(0, img, (post.sum(2) * d2).sum(1))
+    tot = old_offsets[img][:, None, :] + t_child
+    off_sq = float((post.sum(2) * (tot**2).sum(-1)).sum())
+
+    # residuals and scale statistics at the best pose
+    best_proj = table[inv[pair_of_best, j % 8]]  # (B, P)
+    xs_best = xf * phases_f[bt]
+    cp = cf * best_proj
+    m = p_fine.multiplicity.to(torch.float32)
+    nsh = int(p_fine.shell.max()) + 1
+    resid = ((xs_best - cp).abs() ** 2 * m).sum(0).double()
+    res_shell = torch.zeros(nsh, dtype=torch.float64, device=dev).index_add_(0, p_fine.shell, resid)
+    pix_shell = torch.zeros(nsh, dtype=torch.float64, device=dev).index_add_(0, p_fine.shell, m.double() * b)
+    xa = ((xs_best.real * cp.real + xs_best.imag * cp.imag) * m).sum(1)
+    aa = ((cp.real**2 + cp.imag**2) * m).sum(1)
+
+    if backprojectors is not None:
+        # sum the contributions of all images per (class, fine rotation) first: one row each to insert
+        c2 = cf * cf
+        n_u, n_p = len(uniq), xf.shape[1]
+        acc_re = torch.zeros((n_u, n_p), dtype=torch.float32, device=dev)
+        acc_im = torch.zeros((n_u, n_p), dtype=torch.float32, device=dev)
+        acc_w = torch.zeros((n_u, n_p), dtype=torch.float32, device=dev)
+        for s0 in range(0, n_pairs, pair_chunk):
+            s1 = min(n_pairs, s0 + pair_chunk)
+            ii = img[s0:s1]
+            pt_ = post[s0:s1].transpose(1, 2)  # (s, 8, 4)
+            xsc = xf[ii][:, None, :] * phases_f[child_t[s0:s1]] * cf[ii][:, None, :]  # (s, 4, P)
+            rows = inv[s0:s1].reshape(-1)
+            acc_re.index_add_(0, rows, torch.bmm(pt_, xsc.real).reshape(-1, n_p))
+            acc_im.index_add_(0, rows, torch.bmm(pt_, xsc.imag).reshape(-1, n_p))
+            acc_w.index_add_(0, rows, (pt_.sum(2)[:, :, None] * c2[ii][:, None, :]).reshape(-1, n_p))
+        for k in range(k_cls):
+            sel = (u_cls == k).nonzero()[:, 0]
+            if len(sel):
+                backprojectors[k].insert_pixels(torch.complex(acc_re[sel], acc_im[sel]), acc_w[sel],
+                                                grid.fine_rot[u_rot[sel]], p_fine.kx, p_fine.ky)
+
+    return BatchResult(bk.cpu().numpy(), br.cpu().numpy(), grid.fine_trans[bt].cpu().numpy(), best_p.cpu().numpy(),
+                       n_sig.cpu().numpy(), (mx + lse).cpu().numpy(), class_post.cpu().numpy(),
+                       rot_spread.sqrt().cpu().numpy(), trans_spread.sqrt().cpu().numpy(), off_sq,
+                       res_shell.cpu().numpy(), pix_shell.cpu().numpy(), xa.cpu().numpy(), aa.cpu().numpy())
+
+
+def _cc_scores(images, ctf, weights, projections, phases):
+    """Normalised cross-correlation (B, T, R) of shifted images with CTF-multiplied projections."""
+    b, p = images.shape
+    t = phases.shape[0]
+    x = images[:, None, :] * phases[None]
+    a = (x * (ctf * weights)[:, None, :]).reshape(b * t, p)
+    cross = (torch.cat([a.real, a.imag], 1) @ torch.cat([projections.real, projections.imag], 1).T).reshape(b, t, -1)
+    power = (ctf * ctf * weights) @ (projections.real**2 + projections.imag**2).T  # (B, R)
+    return cross / power.clamp_min(1e-30).sqrt()[:, None, :]

@@ -1,0 +1,526 @@
+"""``spa3d class3d``: maximum-likelihood 3D classification (RELION 3.1's Class3D job).
+
+Model (shared/docs/relion_spec.md): each image is a CTF-modulated projection
+of one of K maps, shifted, plus Gaussian noise with a power spectrum σ²
+(one per shell). Every iteration runs over all particles:
+
+- E-step: posterior over (class, translation, rotation) with class priors
+  π_k and a Gaussian prior (σ_off) on the particle's total offset, searched
+  coarse-to-fine (:mod:`spa3d.inference.search`);
+- M-step: each class is reconstructed from the posterior-weighted images,
+  regularised by T·τ² (τ² from the class map's power, T = ``tau2_fudge``);
+  σ², π_k, σ_off and the per-group image scale are re-estimated; the
+  resolution of the next iteration is the last shell whose spectral SNR
+  (τ²·Σ CTF²/σ²) exceeds 1, plus ``incr_size`` shells (as RELION).
+
+The first iteration starts from the reference low-passed to ``ini_high`` Å.
+With K > 1, particles are divided at random over the classes in the first
+iteration (RELION does the same) so that the classes can differ. With
+``firstiter_cc`` the first iteration scores by cross-correlation and the best
+pose takes all the weight (for references not on the data's greyscale).
+
+Empty classes are kept (reported in the log, their map unchanged), as RELION
+keeps them: re-seeding would change the number of classes the user asked for.
+
+Outputs in the job directory every iteration, with RELION's names:
+run_itNNN_classKKK.mrc, run_itNNN_model.star, run_itNNN_data.star,
+run_itNNN_optimiser.star (and run_itNNN_state.npz, which
+``--continue run_itNNN_optimiser.star`` resumes from), plus run.log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spa3d.backend.device import free_memory_bytes, select_device
+from spa3d.errors import InputError
+from spa3d.fourier.backprojector import BackProjector
+from spa3d.fourier.ctf import ctf_half_plane
+from spa3d.fourier.filters import lowpass, power_spectrum, soft_sphere
+from spa3d.fourier.grid import phase_shift_2d, rfft2_centered
+from spa3d.fourier.projector import Projector
+from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
+from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
+from spa3d.geometry.symmetry import symmetry_matrices
+from spa3d.inference.likelihood import FourierPixels
+from spa3d.inference.search import SearchGrid, search_batch
+from spa3d.io.atomic_write import atomic_path
+from spa3d.io.mrc import read_map, write_map
+from spa3d.io.particles import ParticleSet
+from spa3d.io.star import read_star, write_star
+from spa3d.jobs.progress import Progress, add_log_file
+
+log = logging.getLogger("spa3d")
+
+
+@dataclass
+class Class3dOptions:
+    """Options of a classification run; lengths in Å unless named ``_px``."""
+
+    n_classes: int = 4
+    n_iter: int = 25
+    tau2_fudge: float = 4.0
+    healpix_order: int = 2  # coarse order; the fine search is one order finer (GUI 7.5° = order 2)
+    offset_range: float = 5.0  # pixels
+    offset_step: float = 1.0  # pixels
+    ini_high: float = 50.0
+    particle_diameter: float | None = None
+    zero_mask: bool = False
+    flatten_solvent: bool = False
+    ctf: bool = False
+    ctf_intact_first_peak: bool = False
+    ctf_phase_flipped: bool = False
+    firstiter_cc: bool = False
+    symmetry: str = "C1"
+    strict_highres_exp: float = -1.0
+    skip_align: bool = False
+    sigma_ang: float = -1.0  # degrees; > 0: local searches around the previous pose
+    incr_size: int = 10
+    adaptive_fraction: float = 0.999
+    max_significant: int = 256
+    coarse_radius_px: float | None = None  # radius of the coarse pass (default from the coarse step)
+    initial_sigma_offset: float = 10.0  # Å
+    batch_size: int | None = None
+    seed: int = 0
+    device: str | None = None
+    threads: int | None = None
+
+
+@dataclass
+class Class3dState:
+    """Everything a continued run needs besides the class maps."""
+
+    iteration: int
+    sigma2: np.ndarray  # (n//2+1,) noise power per shell
+    class_fractions: np.ndarray  # (K,)
+    sigma_offset_px: float
+    group_scale: np.ndarray  # (G,) per rlnGroupNumber
+    r_current: float  # E-step radius of the next iteration, cycles per box
+    best_resolution_shell: float
+    offsets_px: np.ndarray  # (N, 2)
+    angles: np.ndarray  # (N, 3) degrees
+    classes: np.ndarray  # (N,) 1-based, 0 = not yet assigned
+    stats: dict = field(default_factory=dict)  # per-particle columns of the last iteration
+    rng_state: dict = field(default_factory=dict)
+
+
+def _save_state(path: Path, st: Class3dState) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, iteration=st.iteration, sigma2=st.sigma2, class_fractions=st.class_fractions,
+                     sigma_offset_px=st.sigma_offset_px, group_scale=st.group_scale, r_current=st.r_current,
+                     best_resolution_shell=st.best_resolution_shell, offsets_px=st.offsets_px, angles=st.angles,
+                     classes=st.classes, **{f"stat_{k}": v for k, v in st.stats.items()},
+                     rng=np.frombuffer(json.dumps(st.rng_state).encode(), dtype=np.uint8))
+
+
+def _load_state(path: Path) -> Class3dState:
+    with np.load(path) as z:
+        stats = {k[5:]: z[k].copy() for k in z.files if k.startswith("stat_")}
+        return Class3dState(int(z["iteration"]), z["sigma2"].copy(), z["class_fractions"].copy(),
+                            float(z["sigma_offset_px"]), z["group_scale"].copy(), float(z["r_current"]),
+                            float(z["best_resolution_shell"]), z["offsets_px"].copy(), z["angles"].copy(),
+                            z["classes"].copy(), stats, json.loads(bytes(z["rng"]).decode()))
+
+
+def _image_mask(n: int, radius_px: float) -> torch.Tensor:
+    return torch.as_tensor(soft_sphere(n, radius_px, 5.0, ndim=2))
+
+
+def _prepare_images(imgs: np.ndarray, mask: torch.Tensor, zero_mask: bool, rng: np.random.Generator) -> torch.Tensor:
+    """Images with the particle circle kept and the outside zeroed (zero_mask) or filled with matching noise."""
+    x = torch.as_tensor(imgs, dtype=torch.float32)
+    if zero_mask:
+        return x * mask
+    outside = mask < 1e-3
+    std = x[:, outside].std(1)
+    noise = torch.as_tensor(rng.standard_normal(x.shape), dtype=torch.float32) * std[:, None, None]
+    return x * mask + noise * (1 - mask)
+
+
+def _groups(ps: ParticleSet) -> np.ndarray:
+    """0-based group index of every particle (rlnGroupNumber, else the optics group)."""
+    g = ps.column("rlnGroupNumber", None) if "rlnGroupNumber" in ps.table.particles else None
+    if g is None:
+        g = ps.column("rlnOpticsGroup", 1)
+    _, inv = np.unique(np.asarray(g).astype(int), return_inverse=True)
+    return inv
+
+
+def initial_sigma2(ps: ParticleSet, mask: torch.Tensor, o: Class3dOptions, rng: np.random.Generator) -> np.ndarray:
+    """Noise power per shell: mean power spectrum of (up to 500) masked images, as a start."""
+    n = ps.box
+    idx = np.sort(rng.choice(len(ps), size=min(len(ps), 500), replace=False))
+    x = rfft2_centered(_prepare_images(ps.read(idx), mask, o.zero_mask, rng))
+    px = FourierPixels.make(n, n // 2)
+    p = (px.take(x).abs() ** 2).mean(0).double()
+    s = torch.zeros(n // 2 + 1, dtype=torch.float64).index_add_(0, px.shell, p)
+    c = torch.zeros(n // 2 + 1, dtype=torch.float64).index_add_(0, px.shell, torch.ones_like(p))
+    return (s / c.clamp_min(1)).numpy()
+
+
+def _batch_size(o: Class3dOptions, k_cls: int, n_coarse: int, device: torch.device) -> int:
+    """Images per batch so that the coarse log-likelihoods (B·K·Tc·Rc floats, ×3 for work) fit in memory."""
+    if o.batch_size:
+        return int(o.batch_size)
+    budget = min(free_memory_bytes(device) // 4, 1 << 30 if device.type == "cpu" else 8 << 30)
+    return int(np.clip(budget // (3 * 4 * k_cls * n_coarse), 8, 512))
+
+
+def _write_iteration(job: Path, ps: ParticleSet, maps: np.ndarray, st: Class3dState, o: Class3dOptions,
+                     class_info: dict) -> None:
+    it, apix, n = st.iteration, ps.pixel_size, ps.box
+    k_cls = len(maps)
+    names = []
+    for k in range(k_cls):
+        name = job / f"run_it{it:03d}_class{k + 1:03d}.mrc"
+        write_map(name, maps[k], apix)
+        names.append(str(name))
+    nsh = n // 2 + 1
+    shells = np.arange(nsh)
+    res_inv = shells / (n * apix)
+    ang_res = np.where(shells > 0, n * apix / np.maximum(shells, 1), 999.0)
+    general = {"rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": n,
+               "rlnCurrentResolution": float(n * apix / max(st.best_resolution_shell, 1e-3)),
+               "rlnCurrentImageSize": int(min(n, 2 * round(st.r_current))), "rlnPaddingFactor": 2,
+               "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
+               "rlnPixelSize": apix, "rlnNrClasses": k_cls, "rlnNrBodies": 1, "rlnNrGroups": len(st.group_scale),
+               "rlnTau2FudgeFactor": o.tau2_fudge, "rlnNormCorrectionAverage": 1.0,
+               "rlnSigmaOffsetsAngst": st.sigma_offset_px * apix, "rlnOrientationalPriorMode": 0,
+               "rlnSigmaPriorRotAngle": 0.0, "rlnSigmaPriorTiltAngle": 0.0, "rlnSigmaPriorPsiAngle": 0.0,
+               "rlnLogLikelihood": float(class_info.get("log_likelihood", 0.0)),
+               "rlnAveragePmax": float(class_info.get("average_pmax", 0.0))}
+    classes = pd.DataFrame({
+        "rlnReferenceImage": names, "rlnClassDistribution": st.class_fractions,
+        "rlnAccuracyRotations": class_info["accuracy_rot"], "rlnAccuracyTranslationsAngst": class_info["accuracy_trans"],
+        "rlnEstimatedResolution": class_info["resolution"], "rlnOverallFourierCompleteness": class_info["completeness"],
+        "rlnClassPriorOffsetX": 0.0, "rlnClassPriorOffsetY": 0.0})
+    blocks = {"model_general": general, "model_classes": classes}
+    for k in range(k_cls):
+        blocks[f"model_class_{k + 1}"] = pd.DataFrame({
+            "rlnSpectralIndex": shells, "rlnResolution": res_inv, "rlnAngstromResolution": ang_res,
+            "rlnSsnrMap": class_info["ssnr"][k], "rlnGoldStandardFsc": 0.0,
+            "rlnFourierCompleteness": class_info["shell_completeness"][k],
+            "rlnReferenceSigma2": st.sigma2, "rlnReferenceTau2": class_info["tau2"][k],
+            "rlnSpectralOrientabilityContribution": 0.0})
+    counts = np.bincount(_groups(ps), minlength=len(st.group_scale))
+    blocks["model_groups"] = pd.DataFrame({"rlnGroupNumber": np.arange(1, len(st.group_scale) + 1),
+                                           "rlnGroupName": [f"group_{g + 1}" for g in range(len(st.group_scale))],
+                                           "rlnGroupNrParticles": counts, "rlnGroupScaleCorrection": st.group_scale})
+    for g in range(len(st.group_scale)):
+        blocks[f"model_group_{g + 1}"] = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res_inv,
+                                                       "rlnSigma2Noise": st.sigma2})
+    write_star(job / f"run_it{it:03d}_model.star", blocks)
+
+    table = ps.table.copy()
+    p = table.particles
+    rot, tilt, psi = st.angles.T
+    p["rlnAngleRot"], p["rlnAngleTilt"], p["rlnAnglePsi"] = rot, tilt, psi
+    p["rlnOriginXAngst"] = st.offsets_px[:, 0] * apix
+    p["rlnOriginYAngst"] = st.offsets_px[:, 1] * apix
+    p["rlnClassNumber"] = st.classes.astype(int)
+    p["rlnNormCorrection"] = 1.0
+    p["rlnLogLikeliContribution"] = st.stats.get("log_likelihood", np.zeros(len(p)))
+    p["rlnMaxValueProbDistribution"] = st.stats.get("pmax", np.zeros(len(p)))
+    p["rlnNrOfSignificantSamples"] = st.stats.get("n_significant", np.zeros(len(p))).astype(int)
+    table.write(job / f"run_it{it:03d}_data.star")
+    _save_state(job / f"run_it{it:03d}_state.npz", st)
+    write_star(job / f"run_it{it:03d}_optimiser.star", {"optimiser_general": {
+        "rlnOutputRootName": str(job / "run"), "rlnModelStarFile": str(job / f"run_it{it:03d}_model.star"),
+        "rlnExperimentalDataStarFile": str(job / f"run_it{it:03d}_data.star"),
+        "rlnOrientSamplingStarFile": "None", "rlnCurrentIteration": it, "rlnNumberOfIterations": o.n_iter,
+        "rlnRandomSeed": o.seed, "rlnTau2FudgeFactor": o.tau2_fudge, "rlnClass3dStateFile":
+        str(job / f"run_it{it:03d}_state.npz")}})
+
+
+def _spectral_snr(bp: BackProjector, ops, tau2: np.ndarray):
+    """Spectral SNR per shell (RELION's data-vs-prior) and per voxel, with each voxel's shell.
+
+    Per voxel W·τ² (τ² over σ², W the original-grid weight). In shells where
+    τ² is zero and there are data, 999: RELION's rule there (0.001·(W/σ²)²)
+    is far above 1 for normalised particles, and those shells are
+    reconstructed without a prior (see :meth:`BackProjector.reconstruct`).
+    """
+    _, wvox, shell = bp.shell_weights(ops)
+    nsh = len(tau2)
+    t2 = torch.as_tensor(tau2, device=wvox.device)[shell.clamp_max(nsh - 1)]
+    ratio = torch.where(t2 > 0, wvox * t2, torch.where(wvox > 0, 999.0, 0.0).to(wvox.dtype))
+    inside = shell < nsh
+    total = torch.zeros(nsh, dtype=torch.float64, device=wvox.device).index_add_(0, shell[inside], ratio[inside])
+    cnt = torch.zeros(nsh, dtype=torch.float64, device=wvox.device).index_add_(0, shell[inside],
+                                                                               torch.ones_like(ratio[inside]))
+    return (total / cnt.clamp_min(1)).cpu().numpy(), ratio, shell
+
+
+def coarse_radius(order: int, particle_diameter: float, box: int, pixel_size: float) -> float:
+    """Radius (cycles per box) of the coarse pass, as RELION sets it.
+
+    A rotation by the coarse angular step moves the particle's edge by
+    step·π·diameter/360 Å; the coarse pass uses frequencies up to 1.2× finer
+    than that distance.
+    """
+    moved = angular_step(order) / 360.0 * np.pi * particle_diameter
+    return float(np.ceil(box * pixel_size / (moved / 1.2)))
+
+
+def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptions,
+                continue_from: str | None = None) -> tuple[np.ndarray, Class3dState]:
+    """Run the classification; returns the final class maps (K, n, n, n) and state."""
+    job = Path(job_dir)
+    job.mkdir(parents=True, exist_ok=True)
+    add_log_file(job / "run.log")
+    device = select_device(o.device, o.threads)
+    if o.n_classes < 1:
+        raise InputError(None, "--K must be at least 1")
+    if continue_from:
+        opt = read_star(continue_from)
+        gen = opt[next(iter(opt))]
+        state_file = Path(str(gen["rlnClass3dStateFile"].iloc[0]))
+        if not state_file.exists():
+            raise InputError(continue_from, f"state file {state_file} not found")
+        st = _load_state(state_file)
+        star = star or str(gen["rlnExperimentalDataStarFile"].iloc[0])
+        maps = np.array([read_map(job / f"run_it{st.iteration:03d}_class{k + 1:03d}.mrc")[0]
+                         for k in range(len(st.class_fractions))])
+        o.n_classes = len(maps)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = st.rng_state
+    if star is None:
+        raise InputError(None, "--i particles.star is required")
+    ps = ParticleSet(star)
+    if o.ctf and not ps.has_ctf():
+        raise InputError(star, "--ctf needs rlnDefocusU/V, rlnVoltage and rlnSphericalAberration")
+    n, apix = ps.box, ps.pixel_size
+    n_part = len(ps)
+    diameter = o.particle_diameter if o.particle_diameter and o.particle_diameter > 0 else n * apix
+    if diameter / apix > n:
+        log.info(f"particle diameter {diameter} Å exceeds the box; using the box")
+        diameter = n * apix
+    radius_px = diameter / (2 * apix)
+    mask2d = _image_mask(n, radius_px)
+    mask3d = soft_sphere(n, radius_px, 5.0)
+    ops = symmetry_matrices(o.symmetry)
+    groups = _groups(ps)
+    n_groups = int(groups.max()) + 1
+    if not continue_from:
+        if ref is None:
+            raise InputError(None, "--ref map.mrc is required")
+        vol, ref_apix = read_map(ref)
+        if vol.shape != (n, n, n):
+            raise InputError(ref, f"reference is {vol.shape[2]}x{vol.shape[1]}x{vol.shape[0]}, particles are {n} pixels")
+        if ref_apix > 0 and abs(ref_apix - apix) > 0.01 * apix:
+            raise InputError(ref, f"reference pixel size {ref_apix:.3f} Å differs from the particles' {apix:.3f} Å")
+        if o.ini_high and o.ini_high > 0:
+            vol = lowpass(vol, apix, o.ini_high)
+        maps = np.repeat(vol[None].astype(np.float32), o.n_classes, axis=0)
+        rng = np.random.default_rng(o.seed)
+        r0 = min(n // 2, n * apix / o.ini_high) if o.ini_high and o.ini_high > 0 else n // 2
+        angles0 = ps.angles() if "rlnAngleRot" in ps.table.particles else np.zeros((n_part, 3))
+        st = Class3dState(0, initial_sigma2(ps, mask2d, o, rng), np.full(o.n_classes, 1.0 / o.n_classes),
+                          o.initial_sigma_offset / apix, np.ones(n_groups), float(r0), float(r0), ps.origins_px(),
+                          angles0, np.zeros(n_part, dtype=int))
+    if o.skip_align and "rlnAngleRot" not in ps.table.particles:
+        raise InputError(star, "--skip-align needs rlnAngleRot/Tilt/Psi in the particles")
+    if o.sigma_ang > 0 and "rlnAngleRot" not in ps.table.particles and st.iteration == 0:
+        raise InputError(star, "--sigma-ang (local searches) needs rlnAngleRot/Tilt/Psi in the particles")
+    k_cls = o.n_classes
+
+    coarse_e, fine_e = oversampled_orientations(o.healpix_order, o.symmetry)
+    coarse_t, fine_t = oversampled_translations(o.offset_range, o.offset_step)
+    grid = SearchGrid(torch.as_tensor(euler_to_matrix(*coarse_e.T), dtype=torch.float32, device=device),
+                      torch.as_tensor(euler_to_matrix(*fine_e.T), dtype=torch.float32, device=device),
+                      torch.as_tensor(coarse_t, dtype=torch.float32, device=device),
+                      torch.as_tensor(fine_t, dtype=torch.float32, device=device))
+    if o.skip_align:
+        grid = None
+    r_coarse_cap = o.coarse_radius_px or coarse_radius(o.healpix_order, diameter, n, apix)
+    bs = _batch_size(o, k_cls, len(coarse_e) * len(coarse_t), device)
+    log.info(f"class3d: {n_part} particles, box {n}, {apix:.3f} Å/px, K={k_cls}, T={o.tau2_fudge}, "
+             f"{o.n_iter} iterations; search {len(coarse_e)} -> {len(fine_e)} orientations "
+             f"({angular_step(o.healpix_order + 1):.1f}°), {len(coarse_t)} -> {len(fine_t)} translations, "
+             f"batches of {bs}, device {device}")
+    start = time.perf_counter()
+    first_it = st.iteration
+    # radius (cycles per box) up to which the current maps hold data: the initial low-pass, then the E-step radius
+    map_radius = st.r_current if st.iteration == 0 else min(n // 2, st.r_current - o.incr_size)
+    while st.iteration < o.n_iter:
+        t_it = time.perf_counter()
+        it = st.iteration + 1
+        r_cur = float(min(n // 2, st.r_current))
+        if o.strict_highres_exp > 0:
+            r_cur = min(r_cur, n * apix / o.strict_highres_exp)
+        px_f = FourierPixels.make(n, r_cur, device=device)
+        px_c = FourierPixels.make(n, min(r_cur, r_coarse_cap), device=device)
+        projectors = [Projector(maps[k], r_max=min(n // 2, r_cur + 2), device=device) for k in range(k_cls)]
+        coarse_refs = ([projectors[k].project_pixels(grid.coarse_rot, px_c.kx, px_c.ky) for k in range(k_cls)]
+                       if grid is not None else None)
+        bps = [BackProjector(n, r_max=r_cur, device=device) for _ in range(k_cls)]
+        sigma2_t = torch.as_tensor(st.sigma2, dtype=torch.float32, device=device)
+        log_prior = torch.as_tensor(np.log(np.clip(st.class_fractions, 1e-10, None)), dtype=torch.float32, device=device)
+        hard = bool(o.firstiter_cc and it == 1)
+        allowed = rng.integers(0, k_cls, size=n_part) if (it == 1 and k_cls > 1) else np.full(n_part, -1)
+        new_off = np.zeros((n_part, 2))
+        new_ang = np.zeros((n_part, 3))
+        new_cls = np.zeros(n_part, dtype=int)
+        pmax = np.zeros(n_part)
+        n_sig = np.zeros(n_part, dtype=int)
+        loglik = np.zeros(n_part)
+        rot_spread = np.zeros(n_part)
+        trans_spread = np.zeros(n_part)
+        class_post_sum = np.zeros(k_cls)
+        res_shell = np.zeros(n // 2 + 1)
+        pix_shell = np.zeros(n // 2 + 1)
+        xa_g = np.zeros(n_groups)
+        aa_g = np.zeros(n_groups)
+        off_sq = 0.0
+        prog = Progress(n_part, label=f"iteration {it}/{o.n_iter}: ")
+        for batch in ps.batches(bs, with_ctf=o.ctf):
+            idx = batch.indices
+            x = rfft2_centered(_prepare_images(batch.images, mask2d, o.zero_mask, rng)).to(device)
+            old = torch.as_tensor(st.offsets_px[idx], dtype=torch.float32, device=device)
+            x = x * phase_shift_2d(n, old.double()).to(x.dtype)
+            if o.ctf:
+                c = ctf_half_plane(batch.ctf, n, apix, device=device, intact_first_peak=o.ctf_intact_first_peak,
+                                   phase_flipped=o.ctf_phase_flipped).to(torch.float32)
+            else:
+                c = torch.ones(x.shape, dtype=torch.float32, device=device)
+            c = c * torch.as_tensor(st.group_scale[groups[idx]], dtype=torch.float32, device=device)[:, None, None]
+            if grid is None:
+                r = _skip_align_batch(x, c, torch.as_tensor(euler_to_matrix(*st.angles[idx].T), dtype=torch.float32,
+                                                            device=device), projectors, px_f, sigma2_t, log_prior, bps)
+            else:
+                prior_rot = (torch.as_tensor(euler_to_matrix(*st.angles[idx].T), dtype=torch.float32, device=device)
+                             if o.sigma_ang > 0 else None)
+                r = search_batch(x, c, old, grid, projectors, coarse_refs, px_c, px_f, sigma2_t, log_prior,
+                                 st.sigma_offset_px, bps, torch.as_tensor(allowed[idx], device=device), hard,
+                                 o.adaptive_fraction, o.max_significant, prior_rot, o.sigma_ang)
+            if grid is None:
+                new_off[idx] = st.offsets_px[idx]
+                new_ang[idx] = st.angles[idx]
+            else:
+                new_off[idx] = st.offsets_px[idx] + r.best_translation
+                new_ang[idx] = np.stack(matrix_to_euler(grid.fine_rot[r.best_rotation].cpu().numpy().astype(np.float64)), 1)
+            new_cls[idx] = r.best_class + 1
+            pmax[idx], n_sig[idx], loglik[idx] = r.max_posterior, r.n_significant, r.log_evidence
+            rot_spread[idx], trans_spread[idx] = r.rot_spread_deg, r.trans_spread_px
+            class_post_sum += r.class_posterior.sum(0)
+            m = len(r.residual_shell)
+            res_shell[:m] += r.residual_shell
+            pix_shell[:m] += r.pixel_shell
+            np.add.at(xa_g, groups[idx], r.scale_xa)
+            np.add.at(aa_g, groups[idx], r.scale_aa)
+            off_sq += r.offset_sq_sum
+            prog.update(len(idx))
+
+        # ---- M-step ----
+        if hard:
+            # the reference was on an arbitrary greyscale: bring it to the data's
+            s_ref = float(xa_g.sum() / max(aa_g.sum(), 1e-30))
+            maps = maps * s_ref
+            log.info(f"first iteration by cross-correlation; reference greyscale × {s_ref:.4g}")
+        elif n_groups > 1:
+            scale = st.group_scale * xa_g / np.maximum(aa_g, 1e-30)
+            st.group_scale = scale / scale.mean()
+        upd = pix_shell > 0
+        st.sigma2[upd] = res_shell[upd] / pix_shell[upd]
+        st.class_fractions = class_post_sum / class_post_sum.sum()
+        if grid is not None:
+            st.sigma_offset_px = float(np.sqrt(off_sq / (2 * n_part)))
+        new_maps = np.empty_like(maps)
+        info = {"resolution": np.zeros(k_cls), "completeness": np.zeros(k_cls), "ssnr": [], "tau2": [],
+                "shell_completeness": [], "accuracy_rot": np.zeros(k_cls), "accuracy_trans": np.zeros(k_cls)}
+        best_shell = 0.0
+        nsh = n // 2 + 1
+        for k in range(k_cls):
+            tau2 = o.tau2_fudge * power_spectrum(maps[k]) / np.maximum(st.sigma2, 1e-30)
+            # the map holds data only up to the radius it was reconstructed at: no prior power beyond
+            tau2[np.arange(nsh) > map_radius] = 0.0
+            ssnr, wvox, shell = _spectral_snr(bps[k], ops, tau2)
+            info["ssnr"].append(ssnr)
+            info["tau2"].append(tau2)
+            if class_post_sum[k] < 0.5:
+                log.info(f"class {k + 1} is empty; its map is kept")
+                new_maps[k] = maps[k]
+                info["shell_completeness"].append(np.zeros(nsh))
+                info["resolution"][k] = 999.0
+                continue
+            vol = bps[k].reconstruct(symmetry_ops=ops, tau2=tau2, unregularised_where_tau2_zero=True).cpu().numpy()
+            if o.flatten_solvent:
+                vol = vol * mask3d
+            new_maps[k] = vol
+            below = np.nonzero(ssnr[1:] < 1)[0]
+            idx_res = float(below[0]) if len(below) else float(nsh - 1)  # last shell with SSNR >= 1
+            best_shell = max(best_shell, idx_res)
+            info["resolution"][k] = n * apix / max(idx_res, 1e-3)
+            good = (wvox >= 1) & (shell < nsh)
+            cnt = torch.zeros(nsh, dtype=torch.float64, device=wvox.device).index_add_(
+                0, shell[shell < nsh], torch.ones_like(wvox[shell < nsh]))
+            gcnt = torch.zeros(nsh, dtype=torch.float64, device=wvox.device).index_add_(
+                0, shell[good], torch.ones_like(wvox[good]))
+            comp = (gcnt / cnt.clamp_min(1)).cpu().numpy()
+            info["shell_completeness"].append(comp)
+            lim = int(max(idx_res, 1))
+            info["completeness"][k] = float(gcnt[: lim + 1].sum() / cnt[: lim + 1].sum().clamp_min(1))
+            mine = new_cls == k + 1
+            if mine.any():
+                info["accuracy_rot"][k] = float(rot_spread[mine].mean())
+                info["accuracy_trans"][k] = float(trans_spread[mine].mean() * apix)
+        maps = new_maps
+        map_radius = r_cur
+        st.best_resolution_shell = max(st.best_resolution_shell, best_shell)
+        st.r_current = float(min(n // 2, st.best_resolution_shell + o.incr_size))
+        st.offsets_px, st.angles, st.classes = new_off, new_ang, new_cls
+        st.stats = {"pmax": pmax, "n_significant": n_sig, "log_likelihood": loglik}
+        info["log_likelihood"] = float(loglik.sum())
+        info["average_pmax"] = float(pmax.mean())
+        st.iteration = it
+        st.rng_state = rng.bit_generator.state
+        _write_iteration(job, ps, maps, st, o, info)
+        done = it - first_it
+        elapsed = time.perf_counter() - start
+        left = elapsed / done * (o.n_iter - it)
+        fr = " ".join(f"{f:.2f}" for f in st.class_fractions)
+        res = " ".join(f"{r:.1f}" for r in info["resolution"])
+        log.info(f"iteration {it}/{o.n_iter}: E-step radius {r_cur:.1f} px, classes {fr}, resolution {res} Å, "
+                 f"σ_offset {st.sigma_offset_px * apix:.2f} Å, <Pmax> {pmax.mean():.3f}, "
+                 f"{n_part / (time.perf_counter() - t_it):.0f} particles/s, {left:.0f} s left")
+    log.info(f"done in {time.perf_counter() - start:.1f} s: {job / f'run_it{st.iteration:03d}_model.star'}")
+    return maps, st
+
+
+def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps):
+    """Classification only, at the particles' stored poses (--skip-align)."""
+    from spa3d.inference.search import BatchResult
+
+    xf, cf = px.take(x), px.take(c)
+    w = px.multiplicity.to(torch.float32) / sigma2[px.shell].clamp_min(1e-12)
+    projs = [p.project_pixels(rots, px.kx, px.ky) for p in projectors]
+    ll = torch.stack([-0.5 * (((xf - cf * pr).abs() ** 2) * w).sum(1) for pr in projs], 1) + log_prior[None]
+    lse = torch.logsumexp(ll, 1)
+    post = torch.exp(ll - lse[:, None])
+    best = post.argmax(1)
+    b = x.shape[0]
+    m = px.multiplicity.to(torch.float32)
+    bp_ = torch.stack(projs, 1)[torch.arange(b), best]
+    cp = cf * bp_
+    nsh = int(px.shell.max()) + 1
+    resid = ((xf - cp).abs() ** 2 * m).sum(0).double()
+    res_shell = torch.zeros(nsh, dtype=torch.float64, device=x.device).index_add_(0, px.shell, resid)
+    pix_shell = torch.zeros(nsh, dtype=torch.float64, device=x.device).index_add_(0, px.shell, m.double() * b)
+    for k, bp in enumerate(bps):
+        pk = post[:, k]
+        bp.insert_pixels(xf * cf * pk[:, None], cf * cf * pk[:, None], rots, px.kx, px.ky)
+    z = np.zeros(b)
+    return BatchResult(best.cpu().numpy(), np.zeros(b, dtype=int), np.zeros((b, 2)), post.max(1).values.cpu().numpy(),
+                       np.ones(b, dtype=int), lse.cpu().numpy(), post.cpu().numpy(), z, z, 0.0,
+                       res_shell.cpu().numpy(), pix_shell.cpu().numpy(),
+                       ((xf.real * cp.real + xf.imag * cp.imag) * m).sum(1).cpu().numpy(),
+                       ((cp.abs() ** 2) * m).sum(1).cpu().numpy())
