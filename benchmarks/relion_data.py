@@ -14,7 +14,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from spa3d.data import default_structure
+from spa3d.data import default_mixture, default_structure
 from spa3d.io.mrc import read_map
 from spa3d.io.particles import ParticleSet
 from spa3d.jobs.simulate import SimulationOptions, simulate
@@ -36,42 +36,8 @@ def relion_particles(work: Path, n: int, snr: float, seed: int) -> tuple[np.ndar
     return read_map(work / "truth_class001.mrc")
 
 
-def mixture_maps(box: int = 64, pixel_size: float = 2.0, seed: int = 5) -> list[np.ndarray]:
-    """Three species for classification benchmarks: 1TII's AB5 complex, its B5 ring alone, and junk.
-
-    The junk is an unrelated compact pseudo-protein: a random walk of 250
-    carbon-like "residues" (3.8 Å steps) confined to a 20 Å sphere.
-    """
-    import gemmi
-
-    from spa3d.io.atomic import density_from_atoms
-
-    st = gemmi.read_structure(str(default_structure()))
-    st.remove_hydrogens()
-    st.remove_waters()
-    xyz, z, chain = [], [], []
-    for ch in st[0]:
-        for res in ch:
-            for atom in res:
-                xyz.append(atom.pos.tolist())
-                z.append(atom.element.atomic_number)
-                chain.append(ch.name)
-    xyz, z, chain = np.asarray(xyz), np.asarray(z, dtype=float), np.asarray(chain)
-    ring = np.isin(chain, list("DEFGH"))
-    rng = np.random.default_rng(seed)
-    walk = [np.zeros(3)]
-    while len(walk) < 250:
-        step = rng.normal(size=3)
-        p = walk[-1] + 3.8 * step / np.linalg.norm(step)
-        if np.linalg.norm(p) < 20.0:
-            walk.append(p)
-    walk = np.asarray(walk)
-    junk = density_from_atoms(walk, np.full(len(walk), 7 * 6.6), box, pixel_size)
-    return [density_from_atoms(xyz, z, box, pixel_size), density_from_atoms(xyz[ring], z[ring], box, pixel_size), junk]
-
-
 def relion_mixture(work: Path, n: int, fractions: list[float], snr: float, seed: int) -> list[np.ndarray]:
-    """Particles of the :func:`mixture_maps` species projected by relion_project.
+    """Particles of the three species of :func:`spa3d.data.default_mixture` projected by relion_project.
 
     Writes truth_classNNN.mrc, noisy.star (all particles, no class labels) and
     truth.star (the same with the true rlnClassNumber) into ``work``; the noise
@@ -84,7 +50,7 @@ def relion_mixture(work: Path, n: int, fractions: list[float], snr: float, seed:
     from spa3d.io.mrc import write_map
     from spa3d.io.star import read_star, write_star
 
-    maps = mixture_maps()
+    maps = default_mixture()
     for k, m in enumerate(maps):
         write_map(work / f"truth_class{k + 1:03d}.mrc", m, 2.0)
     simulate([str(work / f"truth_class{k + 1:03d}.mrc") for k in range(len(maps))], work / "poses",

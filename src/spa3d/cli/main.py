@@ -89,6 +89,24 @@ def _cmd_initial_model(a) -> None:
     run_initial_model(a.i, a.o, o, continue_from=a.continue_from)
 
 
+def _cmd_class3d(a) -> None:
+    from spa3d.geometry.sampling import healpix_order_for_sampling
+    from spa3d.jobs.class3d import Class3dOptions, run_class3d
+    from spa3d.jobs.progress import setup_logging
+
+    order = a.healpix_order if a.healpix_order is not None else healpix_order_for_sampling(a.angular_sampling)
+    o = Class3dOptions(n_classes=a.K, n_iter=a.iter, tau2_fudge=a.tau2_fudge, healpix_order=order,
+                       offset_range=a.offset_range, offset_step=a.offset_step, ini_high=a.ini_high,
+                       particle_diameter=a.particle_diameter, zero_mask=a.zero_mask, flatten_solvent=a.flatten_solvent,
+                       ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak, ctf_phase_flipped=a.ctf_phase_flipped,
+                       firstiter_cc=a.firstiter_cc, symmetry=a.sym, strict_highres_exp=a.strict_highres_exp,
+                       skip_align=a.skip_align, sigma_ang=a.sigma_ang, batch_size=a.batch_size, seed=a.seed,
+                       device=a.device, threads=a.threads)
+    setup_logging(quiet=a.quiet)
+    logging.getLogger("spa3d").info("spa3d " + " ".join(sys.argv[1:]))
+    run_class3d(a.i, a.ref, a.o, o, continue_from=a.continue_from)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spa3d", description="Single-particle cryo-EM: 2D particles to 3D maps, "
                                      "RELION-compatible (STAR, MRC, RELION conventions).")
@@ -167,6 +185,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on the terminal (the job's run.log still has it)")
     _add_device(p)
     p.set_defaults(func=_cmd_initial_model)
+
+    p = sub.add_parser("class3d", help="3D classification by maximum likelihood (RELION 3.1 Class3D)",
+                       description="Classify particles into K 3D classes against a reference map, with "
+                                   "orientations and offsets searched coarse-to-fine. Outputs RELION's "
+                                   "run_itNNN_{classKKK.mrc,model.star,data.star,optimiser.star} in --o.")
+    p.add_argument("--i", default=None, help="particle STAR file")
+    p.add_argument("--ref", default=None, help="reference map (.mrc), same box and pixel size as the particles")
+    p.add_argument("--o", required=True, help="job directory")
+    p.add_argument("--K", type=int, default=4, help="number of classes (default 4)")
+    p.add_argument("--iter", type=int, default=25, help="number of iterations (default 25)")
+    p.add_argument("--tau2-fudge", type=float, default=4.0, help="regularisation parameter T (default 4)")
+    p.add_argument("--angular-sampling", type=float, default=7.5, help="angular sampling in degrees: 15, 7.5, "
+                   "3.7 (default 7.5)")
+    p.add_argument("--healpix-order", type=int, default=None,
+                   help="coarse HEALPix order (overrides --angular-sampling; 7.5° = 2)")
+    p.add_argument("--offset-range", type=float, default=5.0, help="offset search range in pixels (default 5)")
+    p.add_argument("--offset-step", type=float, default=1.0, help="offset search step in pixels (default 1)")
+    p.add_argument("--ini-high", type=float, default=50.0, help="initial low-pass of the reference in Å (default 50)")
+    p.add_argument("--particle-diameter", type=float, default=None, help="mask diameter in Å (default: the box)")
+    p.add_argument("--zero-mask", action="store_true", help="zeros outside the mask (default: noise)")
+    p.add_argument("--flatten-solvent", action="store_true", help="mask the class maps with the particle sphere")
+    p.add_argument("--ctf", action="store_true", help="CTF correction")
+    p.add_argument("--ctf-intact-first-peak", action="store_true")
+    p.add_argument("--ctf-phase-flipped", action="store_true")
+    p.add_argument("--firstiter-cc", action="store_true",
+                   help="first iteration by cross-correlation (reference not on absolute greyscale)")
+    p.add_argument("--sym", default="C1", help="point group (default C1)")
+    p.add_argument("--strict-highres-exp", type=float, default=-1.0,
+                   help="never use frequencies beyond this resolution (Å) in the E-step")
+    p.add_argument("--skip-align", action="store_true", help="classify at the particles' stored poses")
+    p.add_argument("--sigma-ang", type=float, default=-1.0,
+                   help="local searches: σ in degrees of the prior on angles around the stored poses")
+    p.add_argument("--batch-size", type=int, default=None, help="particles per batch (default: from free memory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--continue", dest="continue_from", default=None, help="run_itNNN_optimiser.star to continue from")
+    p.add_argument("--quiet", action="store_true", help="no progress on the terminal (the job's run.log still has it)")
+    _add_device(p)
+    p.set_defaults(func=_cmd_class3d)
 
     p = sub.add_parser("symmetrize", help="impose a point group on a map (as relion_image_handler --sym)",
                        description="Average a map over the rotations of a point group (RELION's axes).")

@@ -49,10 +49,10 @@ class BatchResult:
     """Per-image results of one batch (arrays of length B) and batch sums."""
 
     best_class: np.ndarray
-    best_rotation: np.ndarray  # row of the fine rotation grid
+    best_rotation: np.ndarray  # (B, 3, 3) rotation matrix of the best sample
     best_translation: np.ndarray  # (B, 2) pixels, the fine translation found (relative to the old offset)
     max_posterior: np.ndarray
-    n_significant: np.ndarray
+    n_significant: np.ndarray  # significant coarse samples; -1: marginalised over all coarse samples
     log_evidence: np.ndarray
     class_posterior: np.ndarray  # (B, K)
     rot_spread_deg: np.ndarray  # posterior RMS angle to the best rotation
@@ -68,7 +68,8 @@ def significant_samples(ll: torch.Tensor, fraction: float, max_samples: int):
     """Indices (flat, per image) of the smallest set of samples holding ``fraction`` of each posterior.
 
     ll: (B, S) log-posteriors up to a constant. Returns (image index, flat
-    sample index) arrays over all kept samples, and the count per image.
+    sample index) arrays over all kept samples, the count per image and the
+    posterior mass each image's kept samples hold.
     """
     b, s = ll.shape
     k = min(max_samples, s)
@@ -79,7 +80,8 @@ def significant_samples(ll: torch.Tensor, fraction: float, max_samples: int):
     keep = (cum - p / z) < fraction  # include the sample that crosses the fraction
     keep[:, 0] = True
     img = torch.arange(b, device=ll.device)[:, None].expand(b, k)[keep]
-    return img, idx[keep], keep.sum(1)
+    covered = torch.where(keep, p / z, torch.zeros_like(p)).sum(1)
+    return img, idx[keep], keep.sum(1), covered
 
 
 def _segment_logsumexp(values: torch.Tensor, seg: torch.Tensor, n_seg: int):
@@ -161,15 +163,52 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
         flat = ll.argmax(1)
         img = torch.arange(b, device=dev)
         n_sig = torch.ones(b, dtype=torch.long, device=dev)
+        broad = torch.zeros(b, dtype=torch.bool, device=dev)
     else:
-        img, flat, n_sig = significant_samples(ll, adaptive_fraction, max_significant)
+        img, flat, n_sig, covered = significant_samples(ll, adaptive_fraction, max_significant)
+        # images whose posterior is too broad for the cap: marginalised over the whole coarse grid instead
+        broad = covered < adaptive_fraction
+        keep = ~broad[img]
+        img, flat = img[keep], flat[keep]
+    out = {
+        "bk": torch.zeros(b, dtype=torch.long, device=dev), "brot": torch.zeros((b, 3, 3), device=dev),
+        "btrans": torch.zeros((b, 2), device=dev), "pmax": torch.zeros(b, device=dev),
+        "loge": torch.zeros(b, device=dev), "class_post": torch.zeros((b, k_cls), device=dev),
+        "rot_spread": torch.zeros(b, device=dev), "trans_spread": torch.zeros(b, device=dev),
+        "xa": torch.zeros(b, device=dev), "aa": torch.zeros(b, device=dev)}
+    nsh = int(px_fine.shell.max()) + 1
+    sums = {"off_sq": 0.0, "res_shell": torch.zeros(nsh, dtype=torch.float64, device=dev),
+            "pix_shell": torch.zeros(nsh, dtype=torch.float64, device=dev)}
+    if bool(broad.any()):
+        sel = broad.nonzero()[:, 0]
+        _coarse_marginal(sel, ll[sel], x_full[sel], ctf_full[sel], old_offsets[sel], grid, projectors, px_fine,
+                         sigma2_shell, k_cls, backprojectors, out, sums)
+        n_sig[sel] = -1
     del ll, lls
+    if len(img):
+        _fine_pass(img, flat, b, ~broad, x_full, ctf_full, old_offsets, grid, projectors, px_fine, sigma2_shell,
+                   log_class_prior, k_cls, hard, prior_t, prior_r if local else None, backprojectors, pair_chunk,
+                   out, sums)
+    return BatchResult(out["bk"].cpu().numpy(), out["brot"].cpu().numpy(), out["btrans"].cpu().numpy(),
+                       out["pmax"].cpu().numpy(), n_sig.cpu().numpy(), out["loge"].cpu().numpy(),
+                       out["class_post"].cpu().numpy(), out["rot_spread"].sqrt().cpu().numpy(),
+                       out["trans_spread"].sqrt().cpu().numpy(), float(sums["off_sq"]),
+                       sums["res_shell"].cpu().numpy(), sums["pix_shell"].cpu().numpy(), out["xa"].cpu().numpy(),
+                       out["aa"].cpu().numpy())
+
+
+def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell,
+               log_class_prior, k_cls, hard, prior_t, prior_r, backprojectors, pair_chunk, out, sums):
+    """Score the children of the significant coarse samples (image ``img``, flat index ``flat``); fill ``out``."""
+    dev = x_full.device
+    n_tc = grid.coarse_trans.shape[0]
+    n_rc = grid.coarse_rot.shape[0]
+    local = prior_r is not None
     pk = flat // (n_tc * n_rc)
     pt = (flat // n_rc) % n_tc
     pr = flat % n_rc
 
     # ---- fine pass over the children of every significant coarse sample ----
-    p_fine = px_fine
     xf = p_fine.take(x_full)
     cf = p_fine.take(ctf_full)
     if hard:
@@ -242,17 +281,26 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     tot = old_offsets[img][:, None, :] + t_child
     off_sq = float((post.sum(2) * (tot**2).sum(-1)).sum())
 
-    # residuals and scale statistics at the best pose
+    # residuals and scale statistics at the best pose (images of the fine pass only)
     best_proj = table[inv[pair_of_best, j % 8]]  # (B, P)
     xs_best = xf * phases_f[bt]
     cp = cf * best_proj
     m = p_fine.multiplicity.to(torch.float32)
-    nsh = int(p_fine.shell.max()) + 1
-    resid = ((xs_best - cp).abs() ** 2 * m).sum(0).double()
-    res_shell = torch.zeros(nsh, dtype=torch.float64, device=dev).index_add_(0, p_fine.shell, resid)
-    pix_shell = torch.zeros(nsh, dtype=torch.float64, device=dev).index_add_(0, p_fine.shell, m.double() * b)
-    xa = ((xs_best.real * cp.real + xs_best.imag * cp.imag) * m).sum(1)
-    aa = ((cp.real**2 + cp.imag**2) * m).sum(1)
+    resid = ((xs_best - cp).abs() ** 2 * m)[sharp].sum(0).double()
+    sums["res_shell"].index_add_(0, p_fine.shell, resid)
+    sums["pix_shell"].index_add_(0, p_fine.shell, m.double() * int(sharp.sum()))
+    sums["off_sq"] += off_sq
+    sel = sharp.nonzero()[:, 0]
+    out["bk"][sel] = bk[sel]
+    out["brot"][sel] = grid.fine_rot[br][sel]
+    out["btrans"][sel] = grid.fine_trans[bt][sel]
+    out["pmax"][sel] = best_p[sel]
+    out["loge"][sel] = (mx + lse)[sel]
+    out["class_post"][sel] = class_post[sel]
+    out["rot_spread"][sel] = rot_spread[sel]
+    out["trans_spread"][sel] = trans_spread[sel]
+    out["xa"][sel] = ((xs_best.real * cp.real + xs_best.imag * cp.imag) * m).sum(1)[sel]
+    out["aa"][sel] = ((cp.real**2 + cp.imag**2) * m).sum(1)[sel]
 
     if backprojectors is not None:
         # sum the contributions of all images per (class, fine rotation) first: one row each to insert
@@ -276,10 +324,73 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
                 backprojectors[k].insert_pixels(torch.complex(acc_re[sel], acc_im[sel]), acc_w[sel],
                                                 grid.fine_rot[u_rot[sel]], p_fine.kx, p_fine.ky)
 
-    return BatchResult(bk.cpu().numpy(), br.cpu().numpy(), grid.fine_trans[bt].cpu().numpy(), best_p.cpu().numpy(),
-                       n_sig.cpu().numpy(), (mx + lse).cpu().numpy(), class_post.cpu().numpy(),
-                       rot_spread.sqrt().cpu().numpy(), trans_spread.sqrt().cpu().numpy(), off_sq,
-                       res_shell.cpu().numpy(), pix_shell.cpu().numpy(), xa.cpu().numpy(), aa.cpu().numpy())
+
+
+def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell, k_cls,
+                     backprojectors, out, sums):
+    """Images with broad posteriors: marginalise over every coarse sample (no fine pass), fill ``out[sel]``.
+
+    ll: (B', K·Tc·Rc) coarse log-posteriors. The posterior-weighted images are
+    summed per coarse rotation by GEMM (as in :mod:`spa3d.inference.estep`) at
+    the fine radius and inserted, an eighth each, at the 8 fine children of
+    every coarse rotation.
+    """
+    dev = x_full.device
+    bb = ll.shape[0]
+    n_tc, n_rc = grid.coarse_trans.shape[0], grid.coarse_rot.shape[0]
+    mx = ll.max(1, keepdim=True).values
+    post = torch.exp(ll - mx)
+    z = post.sum(1, keepdim=True)
+    post = post / z
+    pmax, arg = post.max(1)
+    post = post.reshape(bb, k_cls, n_tc, n_rc)
+    bk, bt, br = arg // (n_tc * n_rc), (arg // n_rc) % n_tc, arg % n_rc
+    out["bk"][sel] = bk
+    out["brot"][sel] = grid.coarse_rot[br]
+    out["btrans"][sel] = grid.coarse_trans[bt]
+    out["pmax"][sel] = pmax
+    out["loge"][sel] = mx[:, 0] + torch.log(z[:, 0])
+    out["class_post"][sel] = post.sum((2, 3))
+    p_rot = post.sum((1, 2))  # (B', Rc)
+    tr = torch.einsum("bij,rij->br", grid.coarse_rot[br], grid.coarse_rot)
+    ang2 = torch.rad2deg(torch.arccos(((tr - 1) / 2).clamp(-1, 1))) ** 2
+    out["rot_spread"][sel] = (p_rot * ang2).sum(1)
+    p_t = post.sum((1, 3))  # (B', Tc)
+    d2 = ((grid.coarse_trans[None] - grid.coarse_trans[bt][:, None]) ** 2).sum(-1)
+    out["trans_spread"][sel] = (p_t * d2).sum(1)
+    tot = old_offsets[:, None, :] + grid.coarse_trans[None]
+    sums["off_sq"] += float((p_t * (tot**2).sum(-1)).sum())
+    xf, cf = p_fine.take(x_full), p_fine.take(ctf_full)
+    phases = p_fine.shift_phases(grid.coarse_trans)
+    m = p_fine.multiplicity.to(torch.float32)
+    best_proj = torch.empty_like(xf)
+    for k in range(k_cls):
+        mine = (bk == k).nonzero()[:, 0]
+        if len(mine):
+            best_proj[mine] = projectors[k].project_pixels(grid.coarse_rot[br[mine]], p_fine.kx, p_fine.ky).to(xf.dtype)
+    xs_best = xf * phases[bt]
+    cp = cf * best_proj
+    sums["res_shell"].index_add_(0, p_fine.shell, ((xs_best - cp).abs() ** 2 * m).sum(0).double())
+    sums["pix_shell"].index_add_(0, p_fine.shell, m.double() * bb)
+    out["xa"][sel] = ((xs_best.real * cp.real + xs_best.imag * cp.imag) * m).sum(1)
+    out["aa"][sel] = ((cp.real**2 + cp.imag**2) * m).sum(1)
+    if backprojectors is None:
+        return
+    cxs = (xf[:, None, :] * phases[None] * cf[:, None, :]).reshape(bb * n_tc, -1)  # (B'·Tc, P)
+    c2 = cf * cf
+    for k in range(k_cls):
+        pk = post[:, k]  # (B', Tc, Rc)
+        mass = pk.sum((0, 1))
+        keep = (mass > 1e-6 * max(float(mass.max()), 1e-30)).nonzero()[:, 0]
+        if len(keep) == 0:
+            continue
+        pr = pk[:, :, keep].reshape(bb * n_tc, -1).T  # (R', B'·Tc)
+        data = torch.complex(pr @ cxs.real.contiguous(), pr @ cxs.imag.contiguous())
+        wsum = pk[:, :, keep].sum(1).T @ c2  # (R', P)
+        # spread over the 8 fine children of each coarse rotation: the same Fourier coverage as the fine pass
+        children = (keep[:, None] * 8 + torch.arange(8, device=dev)[None]).reshape(-1)
+        backprojectors[k].insert_pixels(data.repeat_interleave(8, 0) / 8, wsum.repeat_interleave(8, 0) / 8,
+                                        grid.fine_rot[children], p_fine.kx, p_fine.ky)
 
 
 def _cc_scores(images, ctf, weights, projections, phases):

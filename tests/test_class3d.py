@@ -1,0 +1,141 @@
+"""3D classification: separation of species, RELION-readable outputs, --continue and --seed, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spa3d.analysis.metrics import adjusted_rand_index
+from spa3d.cli.main import main
+from spa3d.data import default_mixture
+from spa3d.fourier.filters import lowpass
+from spa3d.io.mrc import read_map, write_map
+from spa3d.io.star import read_star, write_star
+from spa3d.jobs.class3d import Class3dOptions, run_class3d
+from spa3d.jobs.simulate import SimulationOptions, simulate
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory):
+    """300 particles: 1TII's AB5 complex, its B5 ring and junk (50/30/20 %), SNR 0.1, as picked (no poses,
+    no offsets); a reference: the complex at 50 Å on an arbitrary greyscale. Returns (dir, true labels)."""
+    d = tmp_path_factory.mktemp("mixture")
+    maps = default_mixture()
+    for k, m in enumerate(maps):
+        write_map(d / f"species{k + 1}.mrc", m, 2.0)
+    simulate([str(d / f"species{k + 1}.mrc") for k in range(3)], d,
+             SimulationOptions(n_particles=300, snr=0.1, seed=7, fractions=[0.5, 0.3, 0.2]))
+    t = read_star(d / "particles.star")
+    parts = t["particles"]
+    parts = parts.drop(columns=[c for c in parts.columns if c.startswith(("rlnOrigin", "rlnAngle"))])
+    write_star(d / "picked.star", {"optics": t["optics"], "particles": parts})
+    write_map(d / "reference.mrc", 7.0 * lowpass(maps[0], 2.0, 50.0), 2.0)
+    labels = read_star(d / "particles_truth.star")["particles"]["rlnClassNumber"].to_numpy()
+    return d, labels
+
+
+def _opts(**kw) -> Class3dOptions:
+    base = dict(n_classes=3, n_iter=6, healpix_order=1, ctf=True, zero_mask=True, flatten_solvent=True,
+                particle_diameter=110.0, firstiter_cc=True, seed=3)
+    base.update(kw)
+    return Class3dOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def classified(mixture, tmp_path_factory):
+    d, labels = mixture
+    job = tmp_path_factory.mktemp("class3d")
+    maps, st = run_class3d(str(d / "picked.star"), str(d / "reference.mrc"), str(job), _opts())
+    return job, maps, st
+
+
+def test_class3d_separates_three_species(mixture, classified):
+    _, labels = mixture
+    job, maps, st = classified
+    ari = adjusted_rand_index(labels, st.classes)
+    assert ari >= 0.9, f"adjusted Rand index {ari:.3f}"
+    fractions = np.sort(st.class_fractions)
+    assert np.allclose(fractions, [0.2, 0.3, 0.5], atol=0.06)
+
+
+def test_class3d_best_class_resembles_its_species(mixture, classified):
+    from spa3d.fourier.filters import fsc, resolution_at
+    from spa3d.maps.align import superpose
+
+    d, labels = mixture
+    job, maps, st = classified
+    best = np.bincount(st.classes[labels == 1], minlength=4).argmax()
+    truth = read_map(d / "truth_class001.mrc")[0]
+    aligned, _ = superpose(maps[best - 1], truth)
+    res = resolution_at(fsc(aligned, truth), 64, 2.0, 0.5)
+    assert res < 20.0, f"FSC 0.5 of the intact-complex class vs ground truth: {res:.1f} Å"
+
+
+def test_class3d_writes_relion_outputs(classified):
+    job, maps, st = classified
+    for k in (1, 2, 3):
+        assert (job / f"run_it006_class{k:03d}.mrc").exists()
+    model = read_star(job / "run_it006_model.star")
+    cls = model["model_classes"]
+    for col in ("rlnReferenceImage", "rlnClassDistribution", "rlnAccuracyRotations", "rlnAccuracyTranslationsAngst",
+                "rlnEstimatedResolution", "rlnOverallFourierCompleteness"):
+        assert col in cls
+    assert abs(cls["rlnClassDistribution"].sum() - 1) < 1e-6
+    assert "rlnSigma2Noise" in model["model_group_1"]
+    data = read_star(job / "run_it006_data.star")["particles"]
+    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber",
+                "rlnLogLikeliContribution", "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples",
+                "rlnNormCorrection"):
+        assert col in data
+    assert set(np.unique(data["rlnClassNumber"])) <= {1, 2, 3}
+
+
+@pytest.mark.relion
+def test_relion_reads_class3d_outputs(mixture, classified, relion, tmp_path):
+    """relion_reconstruct rebuilds a class from our data.star; relion_star_handler reads our model.star."""
+    d, _ = mixture
+    job, maps, st = classified
+    biggest = int(np.argmax(st.class_fractions)) + 1
+    relion("relion_reconstruct", "--i", job / "run_it006_data.star", "--o", tmp_path / "class.mrc", "--ctf",
+           "--maxres", "12", cwd=d)
+    # only that class: select it with relion_star_handler first
+    relion("relion_star_handler", "--i", job / "run_it006_data.star", "--o", tmp_path / "sel.star", "--select",
+           "rlnClassNumber", "--minval", biggest, "--maxval", biggest, cwd=d)
+    relion("relion_reconstruct", "--i", tmp_path / "sel.star", "--o", tmp_path / "sel.mrc", "--ctf", "--maxres", "12",
+           cwd=d)
+    rel = read_map(tmp_path / "sel.mrc")[0]
+    ours = lowpass(maps[biggest - 1], 2.0, 12.0)
+    mask = rel != 0
+    corr = np.corrcoef(rel[mask], ours[mask])[0, 1]
+    assert corr > 0.8, f"RELION's reconstruction of our class vs our class map: {corr:.3f}"
+    out = relion("relion_star_handler", "--i", job / "run_it006_model.star", "--ignore_optics", "--i_tablename",
+                 "model_classes", "--select", "rlnClassDistribution", "--minval", "0", "--o", tmp_path / "m.star",
+                 cwd=d)
+    assert "model_classes" in read_star(tmp_path / "m.star") or (tmp_path / "m.star").exists(), out.stdout
+
+
+def test_class3d_continue_and_seed(mixture, tmp_path):
+    d, _ = mixture
+    o = dict(n_classes=2, n_iter=3)
+    full, st_full = run_class3d(str(d / "picked.star"), str(d / "reference.mrc"), str(tmp_path / "a"), _opts(**o))
+    again, st_again = run_class3d(str(d / "picked.star"), str(d / "reference.mrc"), str(tmp_path / "b"), _opts(**o))
+    assert np.array_equal(st_full.classes, st_again.classes)
+    assert np.abs(full - again).max() <= 1e-5 * np.abs(full).max()
+    # interrupted after iteration 2, continued to 3
+    run_class3d(str(d / "picked.star"), str(d / "reference.mrc"), str(tmp_path / "c"), _opts(n_classes=2, n_iter=2))
+    cont, st_cont = run_class3d(None, None, str(tmp_path / "c"), _opts(**o),
+                                continue_from=str(tmp_path / "c" / "run_it002_optimiser.star"))
+    assert st_cont.iteration == 3
+    assert np.array_equal(st_cont.classes, st_full.classes)
+    assert np.abs(cont - full).max() <= 1e-4 * np.abs(full).max()
+
+
+def test_class3d_bad_reference_is_one_clear_error(mixture, tmp_path, capsys):
+    d, _ = mixture
+    write_map(tmp_path / "small.mrc", np.zeros((32, 32, 32), np.float32), 2.0)
+    rc = main(["class3d", "--i", str(d / "picked.star"), "--ref", str(tmp_path / "small.mrc"), "--o",
+               str(tmp_path / "job"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "small.mrc" in err[0] and "64" in err[0]
+    assert not list((tmp_path / "job").glob("run_it*"))
