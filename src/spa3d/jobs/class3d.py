@@ -108,6 +108,7 @@ class Class3dState:
     offsets_px: np.ndarray  # (N, 2)
     angles: np.ndarray  # (N, 3) degrees
     classes: np.ndarray  # (N,) 1-based, 0 = not yet assigned
+    map_radius: float = 0.0  # radius (cycles per box) up to which the class maps hold data
     stats: dict = field(default_factory=dict)  # per-particle columns of the last iteration
     rng_state: dict = field(default_factory=dict)
 
@@ -118,7 +119,7 @@ def _save_state(path: Path, st: Class3dState) -> None:
             np.savez(fh, iteration=st.iteration, sigma2=st.sigma2, class_fractions=st.class_fractions,
                      sigma_offset_px=st.sigma_offset_px, group_scale=st.group_scale, r_current=st.r_current,
                      best_resolution_shell=st.best_resolution_shell, offsets_px=st.offsets_px, angles=st.angles,
-                     classes=st.classes, **{f"stat_{k}": v for k, v in st.stats.items()},
+                     classes=st.classes, map_radius=st.map_radius, **{f"stat_{k}": v for k, v in st.stats.items()},
                      rng=np.frombuffer(json.dumps(st.rng_state).encode(), dtype=np.uint8))
 
 
@@ -128,7 +129,7 @@ def _load_state(path: Path) -> Class3dState:
         return Class3dState(int(z["iteration"]), z["sigma2"].copy(), z["class_fractions"].copy(),
                             float(z["sigma_offset_px"]), z["group_scale"].copy(), float(z["r_current"]),
                             float(z["best_resolution_shell"]), z["offsets_px"].copy(), z["angles"].copy(),
-                            z["classes"].copy(), stats, json.loads(bytes(z["rng"]).decode()))
+                            z["classes"].copy(), float(z["map_radius"]), stats, json.loads(bytes(z["rng"]).decode()))
 
 
 def _image_mask(n: int, radius_px: float) -> torch.Tensor:
@@ -238,7 +239,7 @@ def _write_iteration(job: Path, ps: ParticleSet, maps: np.ndarray, st: Class3dSt
         "rlnExperimentalDataStarFile": str(job / f"run_it{it:03d}_data.star"),
         "rlnOrientSamplingStarFile": "None", "rlnCurrentIteration": it, "rlnNumberOfIterations": o.n_iter,
         "rlnRandomSeed": o.seed, "rlnTau2FudgeFactor": o.tau2_fudge, "rlnClass3dStateFile":
-        str(job / f"run_it{it:03d}_state.npz")}})
+        str(job / f"run_it{it:03d}_state.npz"), "rlnClass3dInputStarFile": str(Path(ps.star_path).resolve())}})
 
 
 def _spectral_snr(bp: BackProjector, ops, tau2: np.ndarray):
@@ -301,7 +302,8 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
         if not state_file.exists():
             raise InputError(continue_from, f"state file {state_file} not found")
         st = _load_state(state_file)
-        star = star or str(gen["rlnExperimentalDataStarFile"].iloc[0])
+        # the particles as first given (their image paths are relative to that STAR's project)
+        star = star or str(gen["rlnClass3dInputStarFile"].iloc[0])
         maps = np.array([read_map(job / f"run_it{st.iteration:03d}_class{k + 1:03d}.mrc")[0]
                          for k in range(len(st.class_fractions))])
         o.n_classes = len(maps)
@@ -367,7 +369,7 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
     start = time.perf_counter()
     first_it = st.iteration
     # radius (cycles per box) up to which the current maps hold data: the initial low-pass, then the E-step radius
-    map_radius = st.r_current if st.iteration == 0 else min(n // 2, st.r_current - o.incr_size)
+    map_radius = st.r_current if st.iteration == 0 else st.map_radius
     while st.iteration < o.n_iter:
         t_it = time.perf_counter()
         it = st.iteration + 1
@@ -494,7 +496,7 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
                 info["accuracy_rot"][k] = float(rot_spread[mine].mean())
                 info["accuracy_trans"][k] = float(trans_spread[mine].mean() * apix)
         maps = new_maps
-        map_radius = r_cur
+        map_radius = st.map_radius = r_cur
         st.best_resolution_shell = max(st.best_resolution_shell, best_shell)
         st.r_current = float(min(n // 2, st.best_resolution_shell + o.incr_size))
         st.offsets_px, st.angles, st.classes = new_off, new_ang, new_cls
