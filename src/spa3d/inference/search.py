@@ -101,7 +101,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
                  allowed_class: torch.Tensor | None = None, hard: bool = False,
                  adaptive_fraction: float = 0.999, max_significant: int = 256,
                  prior_rot: torch.Tensor | None = None, sigma_ang: float | None = None,
-                 pair_chunk: int = 2048) -> BatchResult:
+                 marginalise_broad: bool = True, pair_chunk: int = 2048) -> BatchResult:
     """E-step (and M-step sums) for one batch.
 
     x_full: (B, n, n//2+1) complex image FTs shifted by the old offsets;
@@ -112,7 +112,9 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     hard: cross-correlation scoring with the best sample taking all the
     weight (RELION's --firstiter_cc); prior_rot (B, 3, 3) and sigma_ang
     (degrees): local searches, a Gaussian prior on the angle to the prior
-    rotation, zero beyond 3σ.
+    rotation, zero beyond 3σ; marginalise_broad: images whose significant
+    set would exceed ``max_significant`` are marginalised over the whole
+    coarse grid (else their posterior is cut to the top samples).
     """
     dev = x_full.device
     b = x_full.shape[0]
@@ -168,6 +170,8 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
         img, flat, n_sig, covered = significant_samples(ll, adaptive_fraction, max_significant)
         # images whose posterior is too broad for the cap: marginalised over the whole coarse grid instead
         broad = covered < adaptive_fraction
+        if not marginalise_broad:
+            broad = torch.zeros_like(broad)
         keep = ~broad[img]
         img, flat = img[keep], flat[keep]
     out = {

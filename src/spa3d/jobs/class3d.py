@@ -86,6 +86,8 @@ class Class3dOptions:
     incr_size: int = 10
     adaptive_fraction: float = 0.999
     max_significant: int = 256
+    marginalise_broad: bool = False
+    coarse_warmup: bool = True
     coarse_radius_px: float | None = None  # radius of the coarse pass (default from the coarse step)
     initial_sigma_offset: float = 10.0  # Å
     batch_size: int | None = None
@@ -270,7 +272,7 @@ def warmup_iterations(o: Class3dOptions) -> int:
     iterations); searching the first third of the iterations at 15° gives
     clean classes (see docs/design.md), and costs less.
     """
-    if o.healpix_order < 2 or o.skip_align or o.sigma_ang > 0:
+    if o.healpix_order < 2 or o.skip_align or o.sigma_ang > 0 or not o.coarse_warmup:
         return 0
     return o.n_iter // 3
 
@@ -423,7 +425,8 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
                              if o.sigma_ang > 0 else None)
                 r = search_batch(x, c, old, grid, projectors, coarse_refs, px_c, px_f, sigma2_t, log_prior,
                                  st.sigma_offset_px, bps, torch.as_tensor(allowed[idx], device=device), hard,
-                                 o.adaptive_fraction, o.max_significant, prior_rot, o.sigma_ang)
+                                 o.adaptive_fraction, o.max_significant, prior_rot, o.sigma_ang,
+                                 o.marginalise_broad)
             if grid is None:
                 new_off[idx] = st.offsets_px[idx]
                 new_ang[idx] = st.angles[idx]
