@@ -65,7 +65,7 @@ def expectation(x: torch.Tensor, ctf: torch.Tensor, px: FourierPixels, sigma2: t
     post = torch.exp(flat - mx)
     z = post.sum(1, keepdim=True)
     post = (post / z).reshape(ll.shape)
-    log_evidence = (mx[:, 0] + torch.log(z[:, 0])).numpy()
+    log_evidence = (mx[:, 0] + torch.log(z[:, 0])).cpu().numpy()
     pflat = post.reshape(b, -1)
     pmax, arg = pflat.max(1)
     n_t = translations.shape[0]
@@ -75,10 +75,10 @@ def expectation(x: torch.Tensor, ctf: torch.Tensor, px: FourierPixels, sigma2: t
     n_sig = (pflat > significant * pmax[:, None]).sum(1)
     # residuals at the best pose, per shell
     nsh = int(px.shell.max()) + 1
-    best_proj = torch.stack([refs[int(k)][int(r)] for k, r in zip(best_k, best_r)])
+    best_proj = torch.stack(refs)[best_k, best_r]  # (B, P)
     resid = (x * phases[best_t] - ctf * best_proj).abs() ** 2 * px.multiplicity
-    res_power = torch.zeros(nsh, dtype=torch.float64).index_add_(0, px.shell, resid.sum(0).double())
-    count = torch.zeros(nsh, dtype=torch.float64).index_add_(0, px.shell, px.multiplicity.double() * b)
+    res_power = torch.zeros(nsh, dtype=torch.float64, device=x.device).index_add_(0, px.shell, resid.sum(0).double())
+    count = torch.zeros(nsh, dtype=torch.float64, device=x.device).index_add_(0, px.shell, px.multiplicity.double() * b)
     if backprojectors is not None:
         cxs = (x[:, None, :] * phases[None]) * ctf[:, None, :]  # (B, T, P)
         cxs = cxs.reshape(b * n_t, -1)
@@ -93,5 +93,6 @@ def expectation(x: torch.Tensor, ctf: torch.Tensor, px: FourierPixels, sigma2: t
             data = torch.complex(pr @ cxs.real, pr @ cxs.imag)  # (R', P)
             wsum = pk[:, :, keep].sum(1).T @ c2  # (R', P)
             backprojectors[k].insert_pixels(data, wsum, rotations[keep], px.kx, px.ky)
-    return BatchPosterior(best_k.numpy(), best_r.numpy(), best_t.numpy(), pmax.numpy(), n_sig.numpy(), log_evidence,
-                          post.sum((2, 3)).numpy(), res_power.numpy(), count.numpy())
+    return BatchPosterior(best_k.cpu().numpy(), best_r.cpu().numpy(), best_t.cpu().numpy(), pmax.cpu().numpy(),
+                          n_sig.cpu().numpy(), log_evidence, post.sum((2, 3)).cpu().numpy(), res_power.cpu().numpy(),
+                          count.cpu().numpy())

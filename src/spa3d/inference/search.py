@@ -119,8 +119,6 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     dev = x_full.device
     b = x_full.shape[0]
     k_cls = len(coarse_refs)
-    n_tc = grid.coarse_trans.shape[0]
-    n_rc = grid.coarse_rot.shape[0]
 
     def prior_t(total: torch.Tensor) -> torch.Tensor:
         return -(total**2).sum(-1) / (2 * max(offset_sigma_px, 1e-3) ** 2)

@@ -21,7 +21,7 @@ import torch
 
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.fourier.ctf import ctf_half_plane
-from spa3d.fourier.filters import lowpass, soft_sphere
+from spa3d.fourier.filters import lowpass, power_spectrum, soft_sphere
 from spa3d.fourier.grid import rfft2_centered
 from spa3d.fourier.projector import Projector
 from spa3d.geometry.euler import random_rotations
@@ -84,24 +84,26 @@ class SgdOptions:
     momentum: float = 0.9
     tau2_fudge: float = 4.0
     symmetry_ops: np.ndarray | None = None  # (G, 3, 3) point group imposed on every mini-batch reconstruction
+    device: torch.device | None = None  # where the E-step and back-projection run (default CPU)
 
 
 def image_pixels(ps: ParticleSet, idx: np.ndarray, px: FourierPixels, mask2d: torch.Tensor, o: SgdOptions):
     """Masked image pixels (B, P) and CTF (B, P) of particles ``idx``."""
-    imgs = torch.as_tensor(ps.read(idx)) * mask2d
+    imgs = torch.as_tensor(ps.read(idx), device=px.index.device) * mask2d.to(px.index.device)
     x = px.take(rfft2_centered(imgs))
     if o.ctf:
         c = px.take(ctf_half_plane(ps.ctf_params(idx), ps.box, ps.pixel_size, intact_first_peak=o.ctf_intact_first_peak,
-                                   phase_flipped=o.ctf_phase_flipped))
+                                   phase_flipped=o.ctf_phase_flipped, device=px.index.device)).to(torch.float32)
     else:
-        c = torch.ones(x.shape, dtype=torch.float32)
+        c = torch.ones(x.shape, dtype=torch.float32, device=x.device)
     return x, c
 
 
 def shell_average(values: torch.Tensor, shell: torch.Tensor, nsh: int) -> torch.Tensor:
-    s = torch.zeros(nsh, dtype=torch.float64).index_add_(0, shell, values.double())
-    c = torch.zeros(nsh, dtype=torch.float64).index_add_(0, shell, torch.ones_like(values, dtype=torch.float64))
-    return s / c.clamp_min(1)
+    s = torch.zeros(nsh, dtype=torch.float64, device=values.device).index_add_(0, shell, values.double())
+    c = torch.zeros(nsh, dtype=torch.float64, device=values.device).index_add_(
+        0, shell, torch.ones_like(values, dtype=torch.float64))
+    return (s / c.clamp_min(1)).cpu()
 
 
 def initial_state(ps: ParticleSet, o: SgdOptions, schedule: SgdSchedule, rng: np.random.Generator) -> SgdState:
@@ -109,7 +111,7 @@ def initial_state(ps: ParticleSet, o: SgdOptions, schedule: SgdSchedule, rng: np
     n, apix = ps.box, ps.pixel_size
     nsh = n // 2 + 1
     mask2d = torch.as_tensor(soft_sphere(n, o.particle_diameter / (2 * apix), 5.0, ndim=2))
-    px = FourierPixels.make(n, n // 2)
+    px = FourierPixels.make(n, n // 2, device=o.device)
     idx = rng.choice(len(ps), size=min(len(ps), 1000), replace=False)
     x, c = image_pixels(ps, idx, px, mask2d, o)
     sigma2 = shell_average((x.abs() ** 2).mean(0), px.shell, nsh).numpy()
@@ -117,10 +119,10 @@ def initial_state(ps: ParticleSet, o: SgdOptions, schedule: SgdSchedule, rng: np
     for _ in range(o.n_classes):
         sel = rng.choice(len(ps), size=min(len(ps), max(schedule.ini_subset, 200)), replace=False)
         xs, cs = image_pixels(ps, sel, px, mask2d, o)
-        rots = torch.as_tensor(random_rotations(len(sel), rng), dtype=torch.float32)
-        bp = BackProjector(n, r_max=n // 2)
+        rots = torch.as_tensor(random_rotations(len(sel), rng), dtype=torch.float32, device=o.device)
+        bp = BackProjector(n, r_max=n // 2, device=o.device)
         bp.insert_pixels(xs * cs, cs * cs, rots, px.kx, px.ky)
-        v = bp.reconstruct().numpy()
+        v = bp.reconstruct().cpu().numpy()
         maps.append(_flatten(lowpass(v, apix, schedule.ini_resol), o, apix))
     maps = np.array(maps)
     return SgdState(maps, np.zeros_like(maps), sigma2, np.full(o.n_classes, 1.0 / o.n_classes), 0)
@@ -139,19 +141,20 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
     """One SGD iteration in place on ``state``; returns per-iteration statistics."""
     it = state.iteration + 1
     n, apix = ps.box, ps.pixel_size
-    nsh = n // 2 + 1
     res, subset = schedule.at(it)
     r_cur = min(n // 2, n * apix / res)
-    px = FourierPixels.make(n, r_cur)
+    px = FourierPixels.make(n, r_cur, device=o.device)
     mask2d = torch.as_tensor(soft_sphere(n, o.particle_diameter / (2 * apix), 5.0, ndim=2))
     idx = np.sort(rng.choice(len(ps), size=min(subset, len(ps)), replace=False))
     x, c = image_pixels(ps, idx, px, mask2d, o)
-    sigma2_pix = torch.as_tensor(state.sigma2, dtype=torch.float32)[px.shell].clamp_min(1e-12)
-    rots = torch.as_tensor(o.rotations, dtype=torch.float32)
-    refs = [Projector(state.maps[k], r_max=r_cur + 1).project_pixels(rots, px.kx, px.ky) for k in range(o.n_classes)]
-    bps = [BackProjector(n, r_max=r_cur) for _ in range(o.n_classes)]
+    dev = o.device
+    sigma2_pix = torch.as_tensor(state.sigma2, dtype=torch.float32, device=dev)[px.shell].clamp_min(1e-12)
+    rots = torch.as_tensor(o.rotations, dtype=torch.float32, device=dev)
+    refs = [Projector(state.maps[k], r_max=r_cur + 1, device=dev).project_pixels(rots, px.kx, px.ky)
+            for k in range(o.n_classes)]
+    bps = [BackProjector(n, r_max=r_cur, device=dev) for _ in range(o.n_classes)]
     post = expectation(x, c, px, sigma2_pix, refs, np.log(np.clip(state.class_fractions, 1e-6, None)), rots,
-                       torch.as_tensor(o.translations, dtype=torch.float32), o.offset_sigma_px, bps)
+                       torch.as_tensor(o.translations, dtype=torch.float32, device=dev), o.offset_sigma_px, bps)
     # noise spectrum: running average of the best-pose residual power
     m = len(post.pixel_count)
     est = post.residual_power / np.maximum(post.pixel_count, 1)
@@ -160,15 +163,9 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
     frac = post.class_posterior.mean(0)
     state.class_fractions = 0.5 * state.class_fractions + 0.5 * frac
     for k in range(o.n_classes):
-        ref_ft = torch.fft.rfftn(torch.as_tensor(state.maps[k], dtype=torch.float64))
-        kz = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64)
-        kr = torch.fft.rfftfreq(n, d=1.0 / n, dtype=torch.float64)
-        sh = torch.round(torch.sqrt(kz[:, None, None] ** 2 + kz[None, :, None] ** 2 + kr[None, None, :] ** 2)).long()
-        keep = sh < nsh
-        power = torch.zeros(nsh, dtype=torch.float64).index_add_(0, sh[keep], (ref_ft.abs() ** 2)[keep])
-        power = power / torch.zeros(nsh, dtype=torch.float64).index_add_(0, sh[keep], torch.ones_like(sh[keep], dtype=torch.float64)).clamp_min(1)
-        tau2 = (o.tau2_fudge * power.numpy() / np.maximum(state.sigma2, 1e-12))
-        v_batch = bps[k].reconstruct(symmetry_ops=o.symmetry_ops, tau2=tau2).numpy()
+        power = power_spectrum(state.maps[k])
+        tau2 = (o.tau2_fudge * power / np.maximum(state.sigma2, 1e-12))
+        v_batch = bps[k].reconstruct(symmetry_ops=o.symmetry_ops, tau2=tau2).cpu().numpy()
         v_batch = lowpass(v_batch, apix, res)
         grad = v_batch - state.maps[k]
         state.momentum[k] = o.momentum * state.momentum[k] + o.step_size * grad

@@ -105,7 +105,7 @@ def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, co
     job = Path(job_dir)
     job.mkdir(parents=True, exist_ok=True)
     add_log_file(job / "run.log")
-    select_device(o.device, o.threads)
+    device = select_device(o.device, o.threads)
     sched = o.schedule or SgdSchedule()
     if o.n_classes < 1:
         raise InputError(None, "--K must be at least 1")
@@ -127,7 +127,8 @@ def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, co
     opts = SgdOptions(n_classes=o.n_classes, particle_diameter=o.particle_diameter, flatten_solvent=o.flatten_solvent,
                       ctf=o.ctf, ctf_intact_first_peak=o.ctf_intact_first_peak, ctf_phase_flipped=o.ctf_phase_flipped,
                       rotations=euler_to_matrix(*grid.T), translations=translation_grid(o.offset_range, o.offset_step),
-                      offset_sigma_px=max(o.offset_range / 2, 1.0), symmetry_ops=symmetry_matrices(o.symmetry))
+                      offset_sigma_px=max(o.offset_range / 2, 1.0), symmetry_ops=symmetry_matrices(o.symmetry),
+                      device=device)
     if not continue_from:
         rng = np.random.default_rng(o.seed)
         state = initial_state(ps, opts, sched, rng)
