@@ -41,11 +41,12 @@ def relion_cmd(s: dict, diameter: float, out: str) -> list[str]:
             "--dont_combine_weights_via_disc"]
 
 
-def spa3d_cmd(s: dict, diameter: float, out: str) -> list[str]:
+def spa3d_cmd(s: dict, diameter: float, out: str, incr: float = 0.0) -> list[str]:
     exe = shutil.which("spa3d") or str(Path(sys.executable).parent / "spa3d")
     return [exe, "initial-model", "--i", "noisy.star", "--o", out, "--particle-diameter", str(diameter),
             "--sgd-ini-iter", str(s["ini"]), "--sgd-inbetween-iter", str(s["inbetween"]), "--sgd-fin-iter", str(s["fin"]),
-            "--sgd-ini-subset", str(s["ini_subset"]), "--sgd-fin-subset", str(s["fin_subset"]), "--seed", "1"]
+            "--sgd-ini-subset", str(s["ini_subset"]), "--sgd-fin-subset", str(s["fin_subset"]), "--seed", "1",
+            "--incr-size", str(incr)]
 
 
 def timed(cmd: list[str], cwd: Path) -> float:
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also run spa3d on the tutorial's full schedule")
     ap.add_argument("--relion-full", action="store_true", help="also run RELION on the full schedule (slow)")
     ap.add_argument("--skip-relion", action="store_true")
+    ap.add_argument("--incr-size", type=float, default=None, help="spa3d's --incr-size (default: spa3d's default)")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="spa3d_bench_im_"))
@@ -85,7 +87,10 @@ def main() -> None:
     for label, s, with_relion in plans:
         total = s["ini"] + s["inbetween"] + s["fin"]
         (work / f"spa3d_{label}").mkdir(exist_ok=True)
-        t_s = timed(spa3d_cmd(s, a.diameter, f"spa3d_{label}"), work)
+        cmd = spa3d_cmd(s, a.diameter, f"spa3d_{label}", a.incr_size or 0.0)
+        if a.incr_size is None:
+            cmd = cmd[:-2]
+        t_s = timed(cmd, work)
         r_s = score(work / f"spa3d_{label}" / f"run_it{total:03d}_class001.mrc", truth, apix)
         rows.append((label, "spa3d initial-model", t_s, *r_s))
         if with_relion:

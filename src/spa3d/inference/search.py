@@ -234,14 +234,18 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     n_pairs = len(img)
     scores = torch.empty((n_pairs, 4, 8), dtype=torch.float32, device=dev)
     norm_x = ((xf.real**2 + xf.imag**2) * wf).sum(1)  # (B,)
+    # Σ_p C²w|P|² for every (image, projection) pair of the batch as one GEMM, gathered per sample below
+    power_all = (cf * cf * wf) @ (table.real**2 + table.imag**2).T  # (B, U)
+    # interleaved (re, im) real views: one real batched product gives Re Σ conj(a)·P without copies
+    table_ri = torch.view_as_real(table).reshape(len(table), -1)  # (U, 2P)
+    n_p = xf.shape[1]
     for s0 in range(0, n_pairs, pair_chunk):
         s1 = min(n_pairs, s0 + pair_chunk)
         ii = img[s0:s1]
-        xs = xf[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
-        a = xs * (cf[ii] * wf)[:, None, :]
-        proj = table[inv[s0:s1]]  # (s, 8, P)
-        cross = torch.bmm(a.real, proj.real.transpose(1, 2)) + torch.bmm(a.imag, proj.imag.transpose(1, 2))
-        power = torch.bmm((cf[ii] ** 2 * wf)[:, None, :], (proj.real**2 + proj.imag**2).transpose(1, 2))  # (s,1,8)
+        a = (xf * (cf * wf))[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
+        proj = table_ri[inv[s0:s1]]  # (s, 8, 2P)
+        cross = torch.bmm(torch.view_as_real(a).reshape(-1, 4, 2 * n_p), proj.transpose(1, 2))  # (s, 4, 8)
+        power = power_all[ii[:, None], inv[s0:s1]][:, None, :]  # (s, 1, 8)
         if hard:
             scores[s0:s1] = cross / power.clamp_min(1e-30).sqrt()
         else:
@@ -307,24 +311,25 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     if backprojectors is not None:
         # sum the contributions of all images per (class, fine rotation) first: one row each to insert
         c2 = cf * cf
-        n_u, n_p = len(uniq), xf.shape[1]
-        acc_re = torch.zeros((n_u, n_p), dtype=torch.float32, device=dev)
-        acc_im = torch.zeros((n_u, n_p), dtype=torch.float32, device=dev)
-        acc_w = torch.zeros((n_u, n_p), dtype=torch.float32, device=dev)
+        n_u = len(uniq)
+        acc_ri = torch.zeros((n_u, 2 * n_p), dtype=torch.float32, device=dev)  # interleaved (re, im)
+        # Σ_t p over each sample's translations, per (image, table row): the CTF² weights as one GEMM-free sum
+        wrow = torch.zeros((b, n_u), dtype=torch.float32, device=dev)
+        wrow.index_put_((img[:, None].expand(-1, 8), inv), post.sum(1), accumulate=True)
+        xc = xf * cf
         for s0 in range(0, n_pairs, pair_chunk):
             s1 = min(n_pairs, s0 + pair_chunk)
             ii = img[s0:s1]
             pt_ = post[s0:s1].transpose(1, 2)  # (s, 8, 4)
-            xsc = xf[ii][:, None, :] * phases_f[child_t[s0:s1]] * cf[ii][:, None, :]  # (s, 4, P)
-            rows = inv[s0:s1].reshape(-1)
-            acc_re.index_add_(0, rows, torch.bmm(pt_, xsc.real).reshape(-1, n_p))
-            acc_im.index_add_(0, rows, torch.bmm(pt_, xsc.imag).reshape(-1, n_p))
-            acc_w.index_add_(0, rows, (pt_.sum(2)[:, :, None] * c2[ii][:, None, :]).reshape(-1, n_p))
+            xsc = xc[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
+            acc_ri.index_add_(0, inv[s0:s1].reshape(-1),
+                              torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
+        acc_w = wrow.T @ c2  # (U, P)
+        acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
         for k in range(k_cls):
             sel = (u_cls == k).nonzero()[:, 0]
             if len(sel):
-                backprojectors[k].insert_pixels(torch.complex(acc_re[sel], acc_im[sel]), acc_w[sel],
-                                                grid.fine_rot[u_rot[sel]], p_fine.kx, p_fine.ky)
+                backprojectors[k].insert_pixels(acc[sel], acc_w[sel], grid.fine_rot[u_rot[sel]], p_fine.kx, p_fine.ky)
 
 
 

@@ -85,6 +85,7 @@ class SgdOptions:
     tau2_fudge: float = 4.0
     symmetry_ops: np.ndarray | None = None  # (G, 3, 3) point group imposed on every mini-batch reconstruction
     device: torch.device | None = None  # where the E-step and back-projection run (default CPU)
+    incr_size: float = 0.0  # Fourier shells searched and reconstructed beyond the scheduled resolution
 
 
 def image_pixels(ps: ParticleSet, idx: np.ndarray, px: FourierPixels, mask2d: torch.Tensor, o: SgdOptions):
@@ -142,7 +143,9 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
     it = state.iteration + 1
     n, apix = ps.box, ps.pixel_size
     res, subset = schedule.at(it)
-    r_cur = min(n // 2, n * apix / res)
+    # as RELION: the E-step and the reconstruction reach ``incr_size`` shells beyond the scheduled resolution
+    r_cur = min(n // 2, n * apix / res + o.incr_size)
+    res_eff = n * apix / r_cur
     px = FourierPixels.make(n, r_cur, device=o.device)
     mask2d = torch.as_tensor(soft_sphere(n, o.particle_diameter / (2 * apix), 5.0, ndim=2))
     idx = np.sort(rng.choice(len(ps), size=min(subset, len(ps)), replace=False))
@@ -166,9 +169,9 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
         power = power_spectrum(state.maps[k])
         tau2 = (o.tau2_fudge * power / np.maximum(state.sigma2, 1e-12))
         v_batch = bps[k].reconstruct(symmetry_ops=o.symmetry_ops, tau2=tau2).cpu().numpy()
-        v_batch = lowpass(v_batch, apix, res)
+        v_batch = lowpass(v_batch, apix, res_eff)
         grad = v_batch - state.maps[k]
         state.momentum[k] = o.momentum * state.momentum[k] + o.step_size * grad
-        state.maps[k] = _flatten(lowpass(state.maps[k] + state.momentum[k], apix, res), o, apix)
+        state.maps[k] = _flatten(lowpass(state.maps[k] + state.momentum[k], apix, res_eff), o, apix)
     state.iteration = it
     return {"iteration": it, "resolution": res, "subset": len(idx), "indices": idx, "posterior": post}

@@ -46,6 +46,7 @@ class InitialModelOptions:
     offset_step: float = 2.0
     schedule: SgdSchedule = None
     write_iter: int = 10
+    incr_size: float = 0.0  # shells beyond the scheduled resolution (RELION: 10)
     seed: int = 0
     device: str | None = None
     threads: int | None = None
@@ -128,7 +129,7 @@ def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, co
                       ctf=o.ctf, ctf_intact_first_peak=o.ctf_intact_first_peak, ctf_phase_flipped=o.ctf_phase_flipped,
                       rotations=euler_to_matrix(*grid.T), translations=translation_grid(o.offset_range, o.offset_step),
                       offset_sigma_px=max(o.offset_range / 2, 1.0), symmetry_ops=symmetry_matrices(o.symmetry),
-                      device=device)
+                      device=device, incr_size=o.incr_size)
     if not continue_from:
         rng = np.random.default_rng(o.seed)
         state = initial_state(ps, opts, sched, rng)
