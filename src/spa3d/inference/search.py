@@ -101,7 +101,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
                  allowed_class: torch.Tensor | None = None, hard: bool = False,
                  adaptive_fraction: float = 0.999, max_significant: int = 256,
                  prior_rot: torch.Tensor | None = None, sigma_ang: float | None = None,
-                 marginalise_broad: bool = True, pair_chunk: int = 2048) -> BatchResult:
+                 marginalise_broad: bool = True, pair_chunk: int = 512) -> BatchResult:
     """E-step (and M-step sums) for one batch.
 
     x_full: (B, n, n//2+1) complex image FTs shifted by the old offsets;
