@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from relion_data import relion_mixture
+from relion_data import relion_mixture, timed
 
 from spa3d.analysis.metrics import adjusted_rand_index
 
@@ -54,14 +52,6 @@ def spa3d_cmd(a, out: str) -> list[str]:
             "--ini-high", "50", "--ctf", "--K", str(a.K), "--tau2-fudge", "4", "--iter", str(a.iter),
             "--particle-diameter", str(a.diameter), "--zero-mask", "--flatten-solvent", "--sym", "C1",
             "--angular-sampling", str(a.sampling), "--offset-range", "5", "--offset-step", "1", "--seed", "1"]
-
-
-def timed(cmd: list[str], cwd: Path) -> float:
-    t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if r.returncode:
-        raise RuntimeError(f"{cmd[0]} failed: {r.stderr[-2000:]}")
-    return time.perf_counter() - t
 
 
 def score(job: Path, it: int, k_cls: int, truth_labels: np.ndarray, truths: list[np.ndarray], apix: float):

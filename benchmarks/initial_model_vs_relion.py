@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from relion_data import relion_particles
+from relion_data import relion_particles, timed
 
 from spa3d.fourier.filters import fsc, resolution_at
 from spa3d.io.mrc import read_map
@@ -47,14 +45,6 @@ def spa3d_cmd(s: dict, diameter: float, out: str, incr: float = 0.0) -> list[str
             "--sgd-ini-iter", str(s["ini"]), "--sgd-inbetween-iter", str(s["inbetween"]), "--sgd-fin-iter", str(s["fin"]),
             "--sgd-ini-subset", str(s["ini_subset"]), "--sgd-fin-subset", str(s["fin_subset"]), "--seed", "1",
             "--incr-size", str(incr)]
-
-
-def timed(cmd: list[str], cwd: Path) -> float:
-    t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if r.returncode:
-        raise RuntimeError(f"{cmd[0]} failed: {r.stderr[-2000:]}")
-    return time.perf_counter() - t
 
 
 def score(path: Path, truth: np.ndarray, apix: float) -> tuple[float, float, bool]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import mrcfile
@@ -18,6 +19,15 @@ from spa3d.data import default_mixture, default_structure
 from spa3d.io.mrc import read_map
 from spa3d.io.particles import ParticleSet
 from spa3d.jobs.simulate import SimulationOptions, simulate
+
+
+def timed(cmd: list[str], cwd: Path) -> float:
+    """Wall time (s) of a command run in ``cwd``; raises with its stderr when it fails."""
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{cmd[0]} failed: {r.stderr[-2000:]}")
+    return time.perf_counter() - t
 
 
 def relion_particles(work: Path, n: int, snr: float, seed: int) -> tuple[np.ndarray, float]:

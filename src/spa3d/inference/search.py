@@ -84,6 +84,12 @@ def significant_samples(ll: torch.Tensor, fraction: float, max_samples: int):
     return img, idx[keep], keep.sum(1), covered
 
 
+def _pixel_weights(px: FourierPixels, sigma2_shell: torch.Tensor, cross_correlation: bool) -> torch.Tensor:
+    """Per-pixel weights m/σ² of the likelihood (m alone for cross-correlation scores)."""
+    m = px.multiplicity.to(torch.float32)
+    return m if cross_correlation else m / sigma2_shell[px.shell].clamp_min(1e-12)
+
+
 def _segment_logsumexp(values: torch.Tensor, seg: torch.Tensor, n_seg: int):
     """Per-segment max and log Σ exp of ``values`` (N, M), segments ``seg`` (N,)."""
     row_max = values.max(1).values
@@ -139,10 +145,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     # ---- coarse pass ----
     xc = px_coarse.take(x_full)
     cc = px_coarse.take(ctf_full)
-    if hard:
-        wc = px_coarse.multiplicity.to(torch.float32)
-    else:
-        wc = px_coarse.multiplicity.to(torch.float32) / sigma2_shell[px_coarse.shell].clamp_min(1e-12)
+    wc = _pixel_weights(px_coarse, sigma2_shell, hard)
     phases_c = px_coarse.shift_phases(grid.coarse_trans)
     lls = []
     for k in range(k_cls):
@@ -213,10 +216,7 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     # ---- fine pass over the children of every significant coarse sample ----
     xf = p_fine.take(x_full)
     cf = p_fine.take(ctf_full)
-    if hard:
-        wf = p_fine.multiplicity.to(torch.float32)
-    else:
-        wf = p_fine.multiplicity.to(torch.float32) / sigma2_shell[p_fine.shell].clamp_min(1e-12)
+    wf = _pixel_weights(p_fine, sigma2_shell, hard)
     child_r = pr[:, None] * 8 + torch.arange(8, device=dev)[None]  # (S, 8)
     child_t = pt[:, None] * 4 + torch.arange(4, device=dev)[None]  # (S, 4)
     # projections of the fine rotations needed in this batch, per class
