@@ -101,7 +101,8 @@ def _cmd_class3d(a) -> None:
                        particle_diameter=a.particle_diameter, zero_mask=a.zero_mask, flatten_solvent=a.flatten_solvent,
                        ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak, ctf_phase_flipped=a.ctf_phase_flipped,
                        firstiter_cc=a.firstiter_cc, symmetry=a.sym, strict_highres_exp=a.strict_highres_exp,
-                       skip_align=a.skip_align, sigma_ang=a.sigma_ang, batch_size=a.batch_size, seed=a.seed,
+                       skip_align=a.skip_align, sigma_ang=a.sigma_ang, fast_subsets=a.fast_subsets,
+                       batch_size=a.batch_size, seed=a.seed,
                        device=a.device, threads=a.threads)
     setup_logging(quiet=a.quiet)
     logging.getLogger("spa3d").info("spa3d " + " ".join(sys.argv[1:]))
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-align", action="store_true", help="classify at the particles' stored poses")
     p.add_argument("--sigma-ang", type=float, default=-1.0,
                    help="local searches: σ in degrees of the prior on angles around the stored poses")
+    p.add_argument("--fast-subsets", action="store_true",
+                   help="random subsets in the first 15 iterations: K*1500, K*4500 particles, then 30%%")
     p.add_argument("--batch-size", type=int, default=None, help="particles per batch (default: from free memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--continue", dest="continue_from", default=None, help="run_itNNN_optimiser.star to continue from")

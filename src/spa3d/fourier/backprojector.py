@@ -199,8 +199,10 @@ class BackProjector:
         for _ in range(n_iter_gridding):
             conv = self._smooth(d * w)
             floor = 1e-6 * float(conv.max()) if float(conv.max()) > 0 else 1.0
-            # voxels without data keep d = 0 (else 1/floor would grow without bound there)
-            d = torch.where(inside & (w > 0), d / conv.clamp_min(floor), torch.zeros_like(d))
+            # voxels without data keep d = 0, and voxels whose neighbourhood holds almost no weight keep
+            # their d (dividing by the floor every iteration would grow d without bound there)
+            upd = torch.where(conv > floor, d / conv.clamp_min(floor), d)
+            d = torch.where(inside & (w > 0), upd, torch.zeros_like(d))
         ft = torch.complex(data[..., 0], data[..., 1]).to(torch.complex128) * d
         vol = ifftn_centered(recentre(ft, self.pad * self.n))
         vol = recentre(vol, self.n)

@@ -88,6 +88,7 @@ class Class3dOptions:
     max_significant: int = 256
     marginalise_broad: bool = False
     coarse_warmup: bool = True
+    fast_subsets: bool = False
     coarse_radius_px: float | None = None  # radius of the coarse pass (default from the coarse step)
     initial_sigma_offset: float = 10.0  # Å
     batch_size: int | None = None
@@ -263,6 +264,22 @@ def _spectral_snr(bp: BackProjector, ops, tau2: np.ndarray):
     return (total / cnt.clamp_min(1)).cpu().numpy(), ratio, shell
 
 
+def iteration_subset(o: Class3dOptions, it: int, n_part: int, rng: np.random.Generator) -> np.ndarray:
+    """Particles visited in iteration ``it`` (sorted indices).
+
+    All of them, or with ``fast_subsets`` (RELION's --fast_subsets) random
+    subsets: K·1,500 particles in iterations 1–5, K·4,500 in 6–10, 30 % of
+    the data in 11–15, then all.
+    """
+    if not o.fast_subsets:
+        return np.arange(n_part)
+    size = (o.n_classes * 1500 if it <= 5 else o.n_classes * 4500 if it <= 10
+            else int(0.3 * n_part) if it <= 15 else n_part)
+    if size >= n_part:
+        return np.arange(n_part)
+    return np.sort(rng.choice(n_part, size=size, replace=False))
+
+
 def warmup_iterations(o: Class3dOptions) -> int:
     """Iterations searched one HEALPix order coarser before the requested sampling (finer than 15° only).
 
@@ -375,7 +392,7 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
     while st.iteration < o.n_iter:
         t_it = time.perf_counter()
         it = st.iteration + 1
-        r_cur = float(min(n // 2, st.r_current))
+        r_cur = float(min(n // 2 - 1, st.r_current))
         if o.strict_highres_exp > 0:
             r_cur = min(r_cur, n * apix / o.strict_highres_exp)
         order = o.healpix_order - 1 if it <= n_warm else o.healpix_order
@@ -391,12 +408,15 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
         log_prior = torch.as_tensor(np.log(np.clip(st.class_fractions, 1e-10, None)), dtype=torch.float32, device=device)
         hard = bool(o.firstiter_cc and it == 1)
         allowed = rng.integers(0, k_cls, size=n_part) if (it == 1 and k_cls > 1) else np.full(n_part, -1)
-        new_off = np.zeros((n_part, 2))
-        new_ang = np.zeros((n_part, 3))
-        new_cls = np.zeros(n_part, dtype=int)
-        pmax = np.zeros(n_part)
-        n_sig = np.zeros(n_part, dtype=int)
-        loglik = np.zeros(n_part)
+        todo = iteration_subset(o, it, n_part, rng)
+        n_used = len(todo)
+        # particles outside this iteration's subset (--fast-subsets) keep what they had
+        new_off = st.offsets_px.copy()
+        new_ang = st.angles.copy()
+        new_cls = st.classes.copy()
+        pmax = np.array(st.stats.get("pmax", np.zeros(n_part)), dtype=float)
+        n_sig = np.array(st.stats.get("n_significant", np.zeros(n_part)), dtype=int)
+        loglik = np.array(st.stats.get("log_likelihood", np.zeros(n_part)), dtype=float)
         rot_spread = np.zeros(n_part)
         trans_spread = np.zeros(n_part)
         class_post_sum = np.zeros(k_cls)
@@ -405,8 +425,8 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
         xa_g = np.zeros(n_groups)
         aa_g = np.zeros(n_groups)
         off_sq = 0.0
-        prog = Progress(n_part, label=f"iteration {it}/{o.n_iter}: ")
-        for batch in ps.batches(bs, with_ctf=o.ctf):
+        prog = Progress(n_used, label=f"iteration {it}/{o.n_iter}: ")
+        for batch in ps.batches(bs, indices=todo, with_ctf=o.ctf):
             idx = batch.indices
             x = rfft2_centered(_prepare_images(batch.images, mask2d, o.zero_mask, rng)).to(device)
             old = torch.as_tensor(st.offsets_px[idx], dtype=torch.float32, device=device)
@@ -419,7 +439,8 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
             c = c * torch.as_tensor(st.group_scale[groups[idx]], dtype=torch.float32, device=device)[:, None, None]
             if grid is None:
                 r = _skip_align_batch(x, c, torch.as_tensor(euler_to_matrix(*st.angles[idx].T), dtype=torch.float32,
-                                                            device=device), projectors, px_f, sigma2_t, log_prior, bps)
+                                                            device=device), projectors, px_f, sigma2_t, log_prior, bps,
+                                      torch.as_tensor(allowed[idx], device=device))
             else:
                 prior_rot = (torch.as_tensor(euler_to_matrix(*st.angles[idx].T), dtype=torch.float32, device=device)
                              if o.sigma_ang > 0 else None)
@@ -458,7 +479,7 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
         st.sigma2[upd] = res_shell[upd] / pix_shell[upd]
         st.class_fractions = class_post_sum / class_post_sum.sum()
         if grid is not None:
-            st.sigma_offset_px = float(np.sqrt(off_sq / (2 * n_part)))
+            st.sigma_offset_px = float(np.sqrt(off_sq / (2 * n_used)))
         new_maps = np.empty_like(maps)
         info = {"resolution": np.zeros(k_cls), "completeness": np.zeros(k_cls), "ssnr": [], "tau2": [],
                 "shell_completeness": [], "accuracy_rot": np.zeros(k_cls), "accuracy_trans": np.zeros(k_cls)}
@@ -478,6 +499,9 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
                 info["resolution"][k] = 999.0
                 continue
             vol = bps[k].reconstruct(symmetry_ops=ops, tau2=tau2, unregularised_where_tau2_zero=True).cpu().numpy()
+            if not np.all(np.isfinite(vol)):
+                log.warning(f"class {k + 1}: the reconstruction is not finite; its map is kept")
+                vol = maps[k]
             if o.flatten_solvent:
                 vol = vol * mask3d
             new_maps[k] = vol
@@ -501,7 +525,8 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
         maps = new_maps
         map_radius = st.map_radius = r_cur
         st.best_resolution_shell = max(st.best_resolution_shell, best_shell)
-        st.r_current = float(min(n // 2, st.best_resolution_shell + o.incr_size))
+        # one shell inside Nyquist: the corner shell n/2 holds only part of a ring
+        st.r_current = float(min(n // 2 - 1, st.best_resolution_shell + o.incr_size))
         st.offsets_px, st.angles, st.classes = new_off, new_ang, new_cls
         st.stats = {"pmax": pmax, "n_significant": n_sig, "log_likelihood": loglik}
         info["log_likelihood"] = float(loglik.sum())
@@ -516,19 +541,21 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
         res = " ".join(f"{r:.1f}" for r in info["resolution"])
         log.info(f"iteration {it}/{o.n_iter}: E-step radius {r_cur:.1f} px, classes {fr}, resolution {res} Å, "
                  f"σ_offset {st.sigma_offset_px * apix:.2f} Å, <Pmax> {pmax.mean():.3f}, "
-                 f"{n_part / (time.perf_counter() - t_it):.0f} particles/s, {left:.0f} s left")
+                 f"{n_used / (time.perf_counter() - t_it):.0f} particles/s, {left:.0f} s left")
     log.info(f"done in {time.perf_counter() - start:.1f} s: {job / f'run_it{st.iteration:03d}_model.star'}")
     return maps, st
 
 
-def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps):
-    """Classification only, at the particles' stored poses (--skip-align)."""
+def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps, allowed):
+    """Classification only, at the particles' stored poses (--skip-align); ``allowed`` as in search_batch."""
     from spa3d.inference.search import BatchResult
 
     xf, cf = px.take(x), px.take(c)
     w = px.multiplicity.to(torch.float32) / sigma2[px.shell].clamp_min(1e-12)
     projs = [p.project_pixels(rots, px.kx, px.ky) for p in projectors]
     ll = torch.stack([-0.5 * (((xf - cf * pr).abs() ** 2) * w).sum(1) for pr in projs], 1) + log_prior[None]
+    k_all = torch.arange(len(projs), device=x.device)
+    ll = ll.masked_fill((allowed[:, None] >= 0) & (allowed[:, None] != k_all[None]), -torch.inf)
     lse = torch.logsumexp(ll, 1)
     post = torch.exp(ll - lse[:, None])
     best = post.argmax(1)
