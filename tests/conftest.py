@@ -85,3 +85,11 @@ def relion_dataset(tmp_path_factory, relion):
     relion("relion_project", "--i", "truth_class001.mrc", "--ang", "particles.star", "--ctf", "--o", "noisy",
            "--add_noise", "--white_noise", f"{sigma:.4f}", cwd=d)
     return d
+
+
+@pytest.fixture(scope="session")
+def mic_project(tmp_path_factory):
+    """40 particles of 1TII on 4 micrographs (512², 2 Å/px, box 64), SNR 0.1, origins ~2 px: the project directory."""
+    d = tmp_path_factory.mktemp("mics")
+    simulate([default_structure()], d, SimulationOptions(n_particles=40, snr=0.1, seed=5, n_micrographs=4))
+    return d

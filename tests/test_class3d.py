@@ -179,3 +179,22 @@ def test_skip_align_classifies_at_known_poses(mixture, tmp_path):
                            _opts(skip_align=True, n_iter=15, firstiter_cc=False))
     ari = adjusted_rand_index(labels, st.classes)
     assert ari >= 0.9, f"adjusted Rand index {ari:.3f}"
+
+
+def test_select_best_picks_the_intact_complex(mixture, classified, tmp_path, capsys):
+    """select --best 1 on the classification of the three-species mixture keeps the class of the AB5 complex."""
+    from spa3d.io.star import read_particles_star
+
+    _, labels = mixture
+    job, maps, st = classified
+    assert main(["select", "--i", str(job / "run_it006_model.star"), "--o", str(tmp_path / "Sel"), "--best", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "rank class" in table and "best resolution" in table
+    sel = read_particles_star(tmp_path / "Sel" / "particles.star").particles
+    chosen = int(sel["rlnClassNumber"].iloc[0])
+    complex_class = np.bincount(st.classes[labels == 1]).argmax()
+    assert chosen == complex_class
+    names = read_particles_star(job / "run_it006_data.star").particles["rlnImageName"]
+    truth = dict(zip(names, labels))
+    purity = np.mean([truth[n] == 1 for n in sel["rlnImageName"]])
+    assert purity >= 0.9, f"{100 * purity:.0f}% of the selected particles are the complex"

@@ -24,3 +24,30 @@ def adjusted_rand_index(labels_true, labels_pred) -> float:
     if top == expected:
         return 1.0
     return float((sum_cells - expected) / (top - expected))
+
+
+def image_shift(image, reference) -> np.ndarray:
+    """Sub-pixel (x, y) shift in pixels that carries ``reference`` onto ``image`` (both (n, n)).
+
+    The integer peak of the cross-correlation, then the correlation with the
+    Fourier-shifted reference maximised over continuous shifts (accurate to
+    ~0.01 pixel on clean images).
+    """
+    from scipy.optimize import minimize
+
+    a = np.asarray(image, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    n = a.shape[0]
+    fa, fb = np.fft.rfft2(a - a.mean()), np.fft.rfft2(b - b.mean())
+    cc = np.fft.irfft2(fa * np.conj(fb), s=a.shape)
+    iy, ix = np.unravel_index(np.argmax(cc), cc.shape)
+    start = np.array([(ix + n // 2) % n - n // 2, (iy + n // 2) % n - n // 2], dtype=float)
+    ky = np.fft.fftfreq(n)[:, None]
+    kx = np.fft.rfftfreq(n)[None, :]
+
+    def neg_cc(s):
+        shifted = fb * np.exp(-2j * np.pi * (kx * s[0] + ky * s[1]))
+        return -float(np.real(np.sum(fa * np.conj(shifted))))
+
+    res = minimize(neg_cc, start, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-10})
+    return res.x

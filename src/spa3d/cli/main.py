@@ -109,6 +109,39 @@ def _cmd_class3d(a) -> None:
     run_class3d(a.i, a.ref, a.o, o, continue_from=a.continue_from)
 
 
+def _cmd_select(a) -> None:
+    from pathlib import Path
+
+    from spa3d.jobs.progress import setup_logging
+    from spa3d.jobs.select import SelectOptions, parse_classes, run_select
+
+    Path(a.o).mkdir(parents=True, exist_ok=True)
+    setup_logging(Path(a.o) / "run.log", quiet=a.quiet)
+    logging.getLogger("spa3d").info("spa3d " + " ".join(sys.argv[1:]))
+    run_select(a.i, a.o, SelectOptions(classes=parse_classes(a.classes), best=a.best, recenter=a.recenter,
+                                       regroup=a.regroup, min_fraction=a.min_fraction))
+
+
+def _cmd_extract(a) -> None:
+    from pathlib import Path
+
+    from spa3d.jobs.extract import ExtractOptions, run_extract
+    from spa3d.jobs.progress import setup_logging
+
+    o = ExtractOptions(box=a.box, rescale=a.rescale, invert=a.invert, norm=a.norm, bg_diameter=a.bg_diameter,
+                       white_dust=a.white_dust, black_dust=a.black_dust, ramp=not a.no_ramp,
+                       reset_offsets=a.reset_offsets, recenter=a.recenter,
+                       recenter_xyz=(a.recenter_x, a.recenter_y, a.recenter_z), ref_angpix=a.ref_angpix,
+                       angpix=a.angpix, seed=a.seed)
+    from spa3d.jobs.extract import _check_options
+
+    _check_options(o)  # before creating the job directory
+    Path(a.o).mkdir(parents=True, exist_ok=True)
+    setup_logging(Path(a.o) / "run.log", quiet=a.quiet)
+    logging.getLogger("spa3d").info("spa3d " + " ".join(sys.argv[1:]))
+    run_extract(a.mics, a.reextract, a.o, o)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spa3d", description="Single-particle cryo-EM: 2D particles to 3D maps, "
                                      "RELION-compatible (STAR, MRC, RELION conventions).")
@@ -247,6 +280,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box-size", type=int, default=32, help="working box in pixels for the search (default 32)")
     p.add_argument("--keep-centre", action="store_true", help="do not re-centre the map on its centre of mass")
     p.set_defaults(func=_cmd_align_symmetry)
+
+    p = sub.add_parser("select", help="keep the particles of chosen 3D classes (RELION's Select)",
+                       description="Write SELDIR/particles.star with the particles of the chosen classes of a "
+                                   "classification (read from the run_itNNN_data.star beside the model.star). "
+                                   "Prints a ranking of the classes with the reasons.")
+    p.add_argument("--i", required=True, help="a classification's run_itNNN_model.star")
+    p.add_argument("--o", required=True, help="job directory (writes particles.star)")
+    p.add_argument("--classes", default=None, help="class numbers to keep, e.g. 3,4")
+    p.add_argument("--best", type=int, default=None, help="keep the N best-ranked classes")
+    p.add_argument("--recenter", action="store_true",
+                   help="move each particle's origin so its class's centre of mass is at the box centre")
+    p.add_argument("--regroup", type=int, default=0, help="merge groups into about N groups (default 0: keep)")
+    p.add_argument("--min-fraction", type=float, default=0.02,
+                   help="classes with a smaller share of the particles rank last (default 0.02)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_select)
+
+    p = sub.add_parser("extract", help="re-extract particles from micrographs (relion_preprocess --reextract_data_star)",
+                       description="Cut the particles of a STAR file again from their micrographs, in a new box, "
+                                   "optionally rescaled, normalised and contrast-inverted; writes one stack per "
+                                   "micrograph and EXTDIR/particles.star with the new optics.")
+    p.add_argument("--mics", required=True, help="micrographs STAR file (micrographs_ctf.star)")
+    p.add_argument("--reextract", required=True, help="particle STAR file to re-extract (e.g. Select/job019/particles.star)")
+    p.add_argument("--o", required=True, help="job directory")
+    p.add_argument("--box", type=int, default=360, help="box size in pixels of the micrograph (even; default 360)")
+    p.add_argument("--rescale", type=int, default=None, help="rescale the box to this many pixels (even; default: no)")
+    p.add_argument("--invert", action="store_true", help="invert contrast (dark protein becomes white)")
+    p.add_argument("--norm", action="store_true", help="normalise with the background outside the circle")
+    p.add_argument("--bg-diameter", type=float, default=-1.0,
+                   help="diameter of the background circle in pixels before rescaling (default 75%% of the box)")
+    p.add_argument("--no-ramp", action="store_true", help="subtract only the background mean, not a fitted plane")
+    p.add_argument("--white-dust", type=float, default=-1.0, help="remove white dust above S SDs (-1: off)")
+    p.add_argument("--black-dust", type=float, default=-1.0, help="remove black dust below S SDs (-1: off)")
+    p.add_argument("--reset-offsets", action="store_true", help="set rlnOriginX/YAngst to zero")
+    p.add_argument("--recenter", action="store_true", help="move the refined offsets into the coordinates")
+    p.add_argument("--recenter-x", type=float, default=0.0, help="re-centre on this x (pixels of the reference)")
+    p.add_argument("--recenter-y", type=float, default=0.0, help="re-centre on this y (pixels of the reference)")
+    p.add_argument("--recenter-z", type=float, default=0.0, help="re-centre on this z (pixels of the reference)")
+    p.add_argument("--ref-angpix", type=float, default=-1.0,
+                   help="pixel size of the reference for --recenter-x/y/z in Å (default: the particles')")
+    p.add_argument("--angpix", type=float, default=None,
+                   help="micrograph pixel size in Å (default: rlnMicrographPixelSize of the micrograph STAR file)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of dust replacement (default 0)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("demo", help="run the workflow end to end on the embedded default data (PDB 1TII)",
                        description="Simulate micrographs and particles of the embedded structure, then run spa3d's "

@@ -10,16 +10,16 @@ log = logging.getLogger("spa3d")
 
 
 def setup_logging(logfile=None, quiet: bool = False) -> None:
-    """Log INFO to stderr (unless quiet) and to ``logfile`` when given."""
+    """Log INFO to stderr (only warnings when quiet) and to ``logfile`` when given."""
     root = logging.getLogger("spa3d")
     root.setLevel(logging.INFO)
     root._spa3d_configured = True
     for h in list(root.handlers):
         root.removeHandler(h)
-    if not quiet:
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(h)
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(message)s"))
+    h.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.addHandler(h)
     if logfile:
         fh = logging.FileHandler(logfile)
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
