@@ -193,3 +193,17 @@ def test_extract_leaves_out_particles_of_unlisted_micrographs_with_a_warning(mic
     assert _run(d, tmp_path / "Ext2", "--box", "96", mics=str(tmp_path / "no_mics.star")) == 2
     assert "none of its micrographs" in capsys.readouterr().err
     assert _nothing_written(tmp_path / "Ext2")
+
+
+def test_dust_removal_replaces_outliers_with_background_noise():
+    from spa3d.jobs.extract import normalise
+
+    rng = np.random.default_rng(0)
+    imgs = rng.normal(5.0, 2.0, (3, 64, 64)).astype(np.float32)
+    imgs[0, 10, 10] = 200.0   # white dust
+    imgs[1, 50, 20] = -200.0  # black dust
+    kept = normalise(imgs, 24)
+    assert kept[0, 10, 10] > 20 and kept[1, 50, 20] < -20  # without dust removal the outliers stay
+    out = normalise(imgs, 24, white_dust=5.0, black_dust=5.0, rng=rng)
+    assert np.abs(out).max() < 6.0
+    assert abs(out[2].mean()) < 0.1 and abs(out[2].std() - 1.0) < 0.1
