@@ -142,6 +142,12 @@ def _cmd_extract(a) -> None:
     run_extract(a.mics, a.reextract, a.o, o)
 
 
+def _cmd_fit(a) -> None:
+    from spa3d.maps.fit import run_fit
+
+    run_fit(a.map, a.model, a.o, a.resolution)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spa3d", description="Single-particle cryo-EM: 2D particles to 3D maps, "
                                      "RELION-compatible (STAR, MRC, RELION conventions).")
@@ -325,6 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed of dust replacement (default 0)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("fit", help="fit an atomic model into a map and tell the map's hand (Chimera's Fit in Map)",
+                       description="Rigid-body fit of an atomic model (PDB/mmCIF) into a map: global search over "
+                                   "rotations and translations, then local refinement, on the model's density "
+                                   "simulated at the map's resolution. Prints the correlation, the transformation, "
+                                   "the correlation with the mirrored map and the hand; writes the fitted model.")
+    p.add_argument("--map", required=True, help="map (.mrc)")
+    p.add_argument("--model", required=True, help="atomic model (.pdb, .cif, optionally gzipped)")
+    p.add_argument("--o", default=None, help="fitted model (.pdb or .cif; default <model>_fitted.pdb beside the map)")
+    p.add_argument("--resolution", type=float, default=None,
+                   help="resolution in Å of the simulated model density (default 3 pixels)")
+    p.set_defaults(func=_cmd_fit)
 
     p = sub.add_parser("demo", help="run the workflow end to end on the embedded default data (PDB 1TII)",
                        description="Simulate micrographs and particles of the embedded structure, then run spa3d's "
