@@ -28,13 +28,14 @@ def _cmd_simulate(a) -> None:
 
     Path(a.o).mkdir(parents=True, exist_ok=True)
     setup_logging(Path(a.o) / "simulate.log", quiet=a.quiet)
-    logging.getLogger("spa3d").info("spa3d " + " ".join(sys.argv[1:]))
+    logging.getLogger("spa3d").info(" ".join(a.command_line))
     opts = SimulationOptions(
         n_particles=a.n, box=a.box, pixel_size=a.angpix, snr=a.snr,
         fractions=[float(x) for x in a.fractions.split(",")] if a.fractions else None,
         seed=a.seed, ctf=not a.no_ctf, defocus_min=a.defocus_min, defocus_max=a.defocus_max,
         offset_sigma_px=a.offset_sigma, model_resolution=a.model_resolution,
-        n_micrographs=a.micrographs, micrograph_size=a.mic_size)
+        n_micrographs=a.micrographs, micrograph_size=a.mic_size,
+        star_prefix=a.o if getattr(a, "project", None) else "")
     simulate(a.i, a.o, opts)
 
 
@@ -55,7 +56,7 @@ def _cmd_demo(a) -> None:
     from spa3d.jobs.progress import setup_logging
 
     setup_logging(quiet=a.quiet)
-    run_demo(a.project, n_particles=a.n, seed=a.seed, device=a.device)
+    run_demo(a.project, n_particles=a.n, seed=a.seed, device=a.device, quick=a.quick)
 
 
 def _cmd_symmetrize(a) -> None:
@@ -105,7 +106,7 @@ def _cmd_class3d(a) -> None:
                        batch_size=a.batch_size, seed=a.seed,
                        device=a.device, threads=a.threads)
     setup_logging(quiet=a.quiet)
-    logging.getLogger("spa3d").info("spa3d " + " ".join(sys.argv[1:]))
+    logging.getLogger("spa3d").info(" ".join(a.command_line))
     run_class3d(a.i, a.ref, a.o, o, continue_from=a.continue_from)
 
 
@@ -117,7 +118,7 @@ def _cmd_select(a) -> None:
 
     Path(a.o).mkdir(parents=True, exist_ok=True)
     setup_logging(Path(a.o) / "run.log", quiet=a.quiet)
-    logging.getLogger("spa3d").info("spa3d " + " ".join(sys.argv[1:]))
+    logging.getLogger("spa3d").info(" ".join(a.command_line))
     run_select(a.i, a.o, SelectOptions(classes=parse_classes(a.classes), best=a.best, recenter=a.recenter,
                                        regroup=a.regroup, min_fraction=a.min_fraction))
 
@@ -138,7 +139,7 @@ def _cmd_extract(a) -> None:
     _check_options(o)  # before creating the job directory
     Path(a.o).mkdir(parents=True, exist_ok=True)
     setup_logging(Path(a.o) / "run.log", quiet=a.quiet)
-    logging.getLogger("spa3d").info("spa3d " + " ".join(sys.argv[1:]))
+    logging.getLogger("spa3d").info(" ".join(a.command_line))
     run_extract(a.mics, a.reextract, a.o, o)
 
 
@@ -159,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "random poses and offsets, per-particle CTF, white noise at a given SNR. Writes "
                                    "particles.star, particles_truth.star, truth_classNNN.mrc and stacks into --o.")
     p.add_argument("--i", nargs="+", required=True, help="maps (.mrc) or atomic models (.pdb, .cif), one per species")
-    p.add_argument("--o", required=True, help="output (project) directory")
+    p.add_argument("--o", default=None, help="output (project) directory (or --project)")
+    p.add_argument("--project", default=None, help="RELION project directory: run there (paths relative to it) and write into the next <Type>/jobNNN/")
     p.add_argument("--n", type=int, default=1000, help="number of particles (default 1000)")
     p.add_argument("--fractions", default=None, help="comma-separated fraction of each species (default equal)")
     p.add_argument("--box", type=int, default=64, help="box size in pixels (default 64)")
@@ -200,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a 3D map from particles alone by stochastic gradient descent. Defaults "
                                    "are the RELION tutorial's values (step 17).")
     p.add_argument("--i", default=None, help="particle STAR file")
-    p.add_argument("--o", required=True, help="job directory")
+    p.add_argument("--o", default=None, help="job directory (or --project)")
+    p.add_argument("--project", default=None, help="RELION project directory: run there (paths relative to it) and write into the next <Type>/jobNNN/")
     p.add_argument("--K", type=int, default=1, help="number of classes (default 1)")
     p.add_argument("--sym", default="C1", help="point group (default C1)")
     p.add_argument("--particle-diameter", type=float, default=200.0, help="mask diameter in Å (default 200)")
@@ -235,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run_itNNN_{classKKK.mrc,model.star,data.star,optimiser.star} in --o.")
     p.add_argument("--i", default=None, help="particle STAR file")
     p.add_argument("--ref", default=None, help="reference map (.mrc), same box and pixel size as the particles")
-    p.add_argument("--o", required=True, help="job directory")
+    p.add_argument("--o", default=None, help="job directory (or --project)")
+    p.add_argument("--project", default=None, help="RELION project directory: run there (paths relative to it) and write into the next <Type>/jobNNN/")
     p.add_argument("--K", type=int, default=4, help="number of classes (default 4)")
     p.add_argument("--iter", type=int, default=25, help="number of iterations (default 25)")
     p.add_argument("--tau2-fudge", type=float, default=4.0, help="regularisation parameter T (default 4)")
@@ -292,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "classification (read from the run_itNNN_data.star beside the model.star). "
                                    "Prints a ranking of the classes with the reasons.")
     p.add_argument("--i", required=True, help="a classification's run_itNNN_model.star")
-    p.add_argument("--o", required=True, help="job directory (writes particles.star)")
+    p.add_argument("--o", default=None, help="job directory (writes particles.star) (or --project)")
+    p.add_argument("--project", default=None, help="RELION project directory: run there (paths relative to it) and write into the next <Type>/jobNNN/")
     p.add_argument("--classes", default=None, help="class numbers to keep, e.g. 3,4")
     p.add_argument("--best", type=int, default=None, help="keep the N best-ranked classes")
     p.add_argument("--recenter", action="store_true",
@@ -309,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "micrograph and EXTDIR/particles.star with the new optics.")
     p.add_argument("--mics", required=True, help="micrographs STAR file (micrographs_ctf.star)")
     p.add_argument("--reextract", required=True, help="particle STAR file to re-extract (e.g. Select/job019/particles.star)")
-    p.add_argument("--o", required=True, help="job directory")
+    p.add_argument("--o", default=None, help="job directory (or --project)")
+    p.add_argument("--project", default=None, help="RELION project directory: run there (paths relative to it) and write into the next <Type>/jobNNN/")
     p.add_argument("--box", type=int, default=360, help="box size in pixels of the micrograph (even; default 360)")
     p.add_argument("--rescale", type=int, default=None, help="rescale the box to this many pixels (even; default: no)")
     p.add_argument("--invert", action="store_true", help="invert contrast (dark protein becomes white)")
@@ -344,11 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resolution in Å of the simulated model density (default 3 pixels)")
     p.set_defaults(func=_cmd_fit)
 
+    p = sub.add_parser("report", help="(re)write a job's report.html and PNGs",
+                       description="Write JOBDIR/report.html (self-contained, images embedded) and JOBDIR/report/*.png: "
+                                   "per-iteration plots, slices, projections and isosurfaces of the maps, class gallery, "
+                                   "orientation distribution, FSC against a ground truth, particle gallery.")
+    p.add_argument("job_dir", help="job directory")
+    p.add_argument("--truth", default=None, help="ground-truth map for FSC curves (.mrc)")
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("demo", help="run the workflow end to end on the embedded default data (PDB 1TII)",
                        description="Simulate micrographs and particles of the embedded structure, then run spa3d's "
                                    "jobs on them and report resolution against the ground truth.")
     p.add_argument("--project", default=None, help="project directory (default: a new ./spa3d_demo*)")
     p.add_argument("--n", type=int, default=2000, help="number of particles (default 2000)")
+    p.add_argument("--quick", action="store_true", help="shorter schedules (a smoke test, not for the results)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -356,14 +371,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: jobs that can run in a RELION project directory (--project), with their RELION job type
+PROJECT_JOBS = {"simulate": "Import", "initial-model": "InitialModel", "class3d": "Class3D", "select": "Select",
+                "extract": "Extract"}
+#: jobs that write report.html into their job directory when they end
+REPORTED_JOBS = ("simulate", "initial-model", "class3d", "select", "extract")
+
+
+def _run_job(args) -> None:
+    if args.job in PROJECT_JOBS and getattr(args, "project", None):
+        from spa3d.jobs.pipeline import job_nodes, project_job
+
+        if args.o is not None:
+            raise InputError(None, "give either --o or --project, not both")
+        with project_job(args.project, PROJECT_JOBS[args.job], args.command_line) as record:
+            args.o = str(record.job_dir)
+            args.func(args)
+            record.inputs, record.outputs = job_nodes(args.job, args, record.job_dir)
+            _report(args)
+        return
+    if args.job in PROJECT_JOBS and args.o is None:
+        raise InputError(None, "give --o JOBDIR or --project DIR")
+    args.func(args)
+    _report(args)
+
+
+def _report(args) -> None:
+    if args.job in REPORTED_JOBS and not getattr(args, "no_report", False):
+        from spa3d.report.job_report import make_report
+
+        make_report(args.o)
+
+
+def _cmd_report(a) -> None:
+    from pathlib import Path
+
+    from spa3d.jobs.progress import setup_logging
+    from spa3d.report.job_report import make_report
+
+    setup_logging()
+    if not Path(a.job_dir).is_dir():
+        raise InputError(a.job_dir, "not a directory")
+    make_report(a.job_dir, a.truth)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     args = parser.parse_args(argv)
+    args.command_line = ["spa3d", *argv]
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
-        args.func(args)
+        _run_job(args)
     except InputError as exc:
         print(f"spa3d {args.job}: error: {exc}", file=sys.stderr)
         return 2

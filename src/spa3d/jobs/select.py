@@ -6,21 +6,23 @@ output ``particles.star`` holds the selected particles with every column kept
 and the optics table unchanged.
 
 Classes are chosen by number (``--classes 3,4``) or ranked (``--best N``).
-The ranking uses measures a user would look at:
+The ranking uses measures a user looks at:
 
 - estimated resolution of the class (Å, smaller is better): a class that
   many particles agree on reaches higher resolution;
 - rotational accuracy (degrees, smaller is better): particles of a real,
-  rigid species align sharply; junk does not;
-- connectedness: the share of the thresholded density (above mean + 2·SD of
-  the map inside the particle sphere) that lies in its largest connected
-  piece. Intact particles are one connected body; broken or noise classes
-  fall apart into blobs;
+  rigid species align sharply;
+- class fraction (larger is better): the species a dataset was collected
+  for is rarely a small minority, while junk classes that align well by
+  chance usually are small;
 - a class with fewer than ``min_fraction`` of the particles (default 2 %) is
   ranked last, whatever its other measures: too few particles to trust.
 
 The score is the mean of a class's ranks in the three measures (1 = best);
-ties go to the larger class.
+ties go to the larger class. The table also shows connectedness (the share
+of the thresholded density in its largest connected piece) for the user to
+judge broken maps; it is not scored, because compact junk is as connected
+as an intact particle.
 
 ``--recenter`` moves each particle's origin so that its class map's centre of
 mass (positive density, pixels from the box centre) comes to the centre of
@@ -138,11 +140,11 @@ def rank_classes(table: pd.DataFrame, min_fraction: float = 0.02) -> pd.DataFram
     big = 1e9
     res = t["resolution_A"].where(ok & (t["resolution_A"] > 0), big)
     acc = t["accuracy_rot_deg"].where(ok & np.isfinite(t["accuracy_rot_deg"]), big)
-    con = t["connectedness"].where(ok, -1.0)
+    frac = t["fraction"].where(ok, -1.0)
     r_res = res.rank(method="min")
     r_acc = acc.rank(method="min")
-    r_con = (-con).rank(method="min")
-    t["score"] = (r_res + r_acc + r_con) / 3 + np.where(ok, 0, len(t))
+    r_frac = (-frac).rank(method="min")
+    t["score"] = (r_res + r_acc + r_frac) / 3 + np.where(ok, 0, len(t))
     reasons = []
     for i in t.index:
         if not ok[i]:
@@ -151,11 +153,13 @@ def rank_classes(table: pd.DataFrame, min_fraction: float = 0.02) -> pd.DataFram
             continue
         parts = []
         for name, r, worst in (("resolution", r_res, r_res.max()), ("rotational accuracy", r_acc, r_acc.max()),
-                               ("connectedness", r_con, r_con.max())):
+                               ("class fraction", r_frac, r_frac.max())):
             if r[i] == 1:
                 parts.append(f"best {name}")
             elif r[i] == worst and worst > 1:
                 parts.append(f"worst {name}")
+        if t.at[i, "connectedness"] < 0.7:
+            parts.append(f"density in pieces (connectedness {t.at[i, 'connectedness']:.2f})")
         reasons.append(", ".join(parts) if parts else "middle of the field")
     t["reason"] = reasons
     t = t.sort_values(["score", "fraction"], ascending=[True, False]).reset_index(drop=True)

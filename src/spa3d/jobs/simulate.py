@@ -62,6 +62,7 @@ class SimulationOptions:
     n_micrographs: int = 0
     micrograph_size: int = 512
     batch_size: int = 256
+    star_prefix: str = ""  # prepended to file names in the STAR files (the job directory inside a project)
 
 
 def load_species(paths: list[str], box: int, pixel_size: float, resolution: float | None) -> list[np.ndarray]:
@@ -170,6 +171,12 @@ def simulate(inputs: list[str], out_dir: str | Path, opts: SimulationOptions) ->
     df["rlnOriginXAngst"] = offsets[:, 0] * o.pixel_size
     df["rlnOriginYAngst"] = offsets[:, 1] * o.pixel_size
     df["rlnRandomSubset"] = (np.arange(n) % 2) + 1
+    if o.star_prefix:
+        pre = o.star_prefix.rstrip("/") + "/"
+        df["rlnImageName"] = [f"{s.split('@')[0]}@{pre}{s.split('@')[1]}" for s in df["rlnImageName"]]
+        df["rlnMicrographName"] = pre + df["rlnMicrographName"].astype(str)
+        if mic_table is not None:
+            mic_table["micrographs"]["rlnMicrographName"] = pre + mic_table["micrographs"]["rlnMicrographName"]
     optics = _optics_table(o, o.pixel_size, o.box)
     write_star(out / "particles.star", {"optics": optics, "particles": df})
     truth = df.copy()

@@ -1,0 +1,202 @@
+"""``spa3d report JOBDIR``: a self-contained report.html (images embedded) and PNGs in JOBDIR/report/.
+
+What a job directory holds decides what the report shows:
+
+- iterative jobs (run_itNNN_model.star: initial model, 3D classification):
+  per-iteration plots (class fractions, resolution, rotational and
+  translational accuracy, log-likelihood, particles changing class), the
+  final maps (slices and projections along x, y, z, an isosurface), a class
+  gallery, the orientation distribution of the last iteration, and FSC
+  curves against a ground truth when one is given;
+- other maps in the directory (e.g. _alignD2 / _symD2 maps, reconstructions):
+  slices, projections and an isosurface;
+- particle jobs (particles.star: select, extract, simulate): counts, optics,
+  and a gallery of the first particles.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+
+from spa3d.io.mrc import read_map
+from spa3d.io.star import read_star
+
+log = logging.getLogger("spa3d")
+
+_IT = re.compile(r"run_it(\d+)_model\.star$")
+
+
+def _iterations(job: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in job.glob("run_it*_model.star") if (m := _IT.search(p.name)))
+
+
+def _history(job: Path, its: list[int]) -> dict:
+    h: dict[str, list] = {"iteration": [], "fraction": [], "resolution": [], "acc_rot": [], "acc_trans": [],
+                          "loglik": [], "changes": []}
+    prev = None
+    for it in its:
+        m = read_star(job / f"run_it{it:03d}_model.star")
+        cls = m.get("model_classes")
+        if cls is None:
+            continue
+        h["iteration"].append(it)
+        for key, col in (("fraction", "rlnClassDistribution"), ("resolution", "rlnEstimatedResolution"),
+                         ("acc_rot", "rlnAccuracyRotations"), ("acc_trans", "rlnAccuracyTranslationsAngst")):
+            if col in cls:
+                h[key].append(cls[col].astype(float).to_numpy())
+        gen = m.get("model_general")
+        if gen is not None and "rlnLogLikelihood" in gen:
+            h["loglik"].append(float(gen["rlnLogLikelihood"].iloc[0]))
+        data = job / f"run_it{it:03d}_data.star"
+        if len(cls) > 1 and data.exists():
+            p = read_star(data).get("particles")
+            if p is not None and "rlnClassNumber" in p:
+                cur = dict(zip(p["rlnImageName"], p["rlnClassNumber"].astype(int)))
+                if prev is not None:
+                    common = [k for k in cur if k in prev]
+                    h["changes"].append(100.0 * np.mean([cur[k] != prev[k] for k in common]) if common else 0.0)
+                prev = cur
+    out = {"iteration": np.asarray(h["iteration"])}
+    for key in ("fraction", "resolution", "acc_rot", "acc_trans"):
+        if h[key] and len({len(x) for x in h[key]}) == 1:
+            out[key] = np.stack(h[key])
+    if h["loglik"] and any(v != 0 for v in h["loglik"]):
+        out["loglik"] = np.asarray(h["loglik"])
+    if h["changes"]:
+        out["changes"] = np.asarray([np.nan] + h["changes"])
+    return out
+
+
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+_STYLE = """body{font-family:sans-serif;max-width:1200px;margin:1em auto;color:#222}
+figure{display:inline-block;margin:0.5em;vertical-align:top}figcaption{font-size:0.85em;color:#555}
+img{max-width:100%}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:0.9em}
+pre{background:#f4f4f4;padding:0.5em;white-space:pre-wrap}"""
+
+# Counts the images the browser has decoded, so a headless browser (and a reader) can see that all loaded.
+_STATUS_SCRIPT = """<p id="spa3d-image-status"></p><script>
+window.addEventListener('load', function () {
+  var imgs = Array.from(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var el = document.getElementById('spa3d-image-status');
+  el.textContent = ok + ' of ' + imgs.length + ' images loaded';
+  el.setAttribute('data-loaded', ok); el.setAttribute('data-total', imgs.length);
+});
+</script>"""
+
+
+def _table(df) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+def make_report(job_dir: str | Path, truth: str | Path | None = None) -> Path:
+    """Write ``job_dir/report.html`` and ``job_dir/report/*.png``; returns the HTML path."""
+    from spa3d.report import figures as fg
+
+    job = Path(job_dir)
+    out = job / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"<h1>spa3d report: {html.escape(str(job))}</h1>"]
+    note = job / "note.txt"
+    if note.exists():
+        parts.append(f"<h2>Command</h2><pre>{html.escape(note.read_text())}</pre>")
+    truth_map = read_map(truth)[0] if truth else None
+
+    its = _iterations(job)
+    shown_maps: set[str] = set()
+    if its:
+        last = its[-1]
+        hist = _history(job, its)
+        if len(hist["iteration"]):
+            parts.append("<h2>Iterations</h2>" + _img(fg.iteration_plots(hist, out / "iterations.png"),
+                                                       f"per-iteration statistics, iterations {its[0]}–{last}"))
+        maps, labels = [], []
+        for p in sorted(job.glob(f"run_it{last:03d}_class*.mrc")):
+            if re.search(r"_class\d+\.mrc$", p.name):
+                maps.append(read_map(p)[0])
+                labels.append(p.stem)
+                shown_maps.add(p.name)
+        if maps:
+            model = read_star(job / f"run_it{last:03d}_model.star").get("model_classes")
+            if model is not None:
+                parts.append(f"<h2>Classes of iteration {last}</h2>" + _table(model.drop(
+                    columns=[c for c in model.columns if c == "rlnReferenceImage"])))
+            if len(maps) > 1:
+                parts.append(_img(fg.class_gallery(maps, out / "class_gallery.png", labels), "class gallery"))
+            for vol, label in zip(maps, labels):
+                parts.append(f"<h3>{html.escape(label)}</h3>")
+                parts.append(_img(fg.slices_and_projections(vol, out / f"{label}_views.png", label),
+                                  f"{label}: central slices and projections"))
+                parts.append(_img(fg.isosurface(vol, out / f"{label}_iso.png", title=label), f"{label}: isosurface"))
+        data = job / f"run_it{last:03d}_data.star"
+        if data.exists():
+            p = read_star(data).get("particles")
+            if p is not None and {"rlnAngleRot", "rlnAngleTilt"} <= set(p.columns):
+                parts.append("<h2>Orientations</h2>" + _img(fg.orientation_distribution(
+                    p["rlnAngleRot"].astype(float), p["rlnAngleTilt"].astype(float), out / "orientations.png"),
+                    f"viewing directions of {len(p)} particles, iteration {last}"))
+        if truth_map is not None and maps:
+            from spa3d.fourier.filters import fsc
+            from spa3d.maps.align import superpose
+
+            curves = {}
+            apix = read_map(truth)[1]
+            for vol, label in zip(maps, labels):
+                aligned, _ = superpose(vol, truth_map)
+                curves[label] = fsc(aligned, truth_map)
+            parts.append("<h2>FSC against the ground truth</h2>" + _img(
+                fg.fsc_plot(curves, truth_map.shape[0], apix, out / "fsc.png"), "FSC of each class against the truth"))
+
+    others = [p for p in sorted(job.glob("*.mrc")) if p.name not in shown_maps and not _IT.search(p.name)
+              and not re.match(r"run_it\d+_class\d+\.mrc$", p.name)]
+    if others:
+        parts.append("<h2>Maps</h2>")
+        for p in others:
+            vol = read_map(p)[0]
+            parts.append(_img(fg.slices_and_projections(vol, out / f"{p.stem}_views.png", p.name),
+                              f"{p.name}: central slices and projections"))
+            parts.append(_img(fg.isosurface(vol, out / f"{p.stem}_iso.png", title=p.name), f"{p.name}: isosurface"))
+
+    star = job / "particles.star"
+    if star.exists():
+        from spa3d.io.particles import ParticleSet
+
+        try:
+            ps = ParticleSet(star)
+            parts.append(f"<h2>Particles</h2><p>{len(ps)} particles, box {ps.box} px, {ps.pixel_size:.4g} Å/px.</p>")
+            parts.append(_table(ps.table.optics))
+            imgs = ps.read(np.arange(min(len(ps), 32)))
+            parts.append(_img(fg.particle_gallery(imgs, out / "particles.png"), f"the first {len(imgs)} particles"))
+            if "rlnClassNumber" in ps.table.particles:
+                counts = ps.table.particles["rlnClassNumber"].astype(int).value_counts().sort_index()
+                parts.append("<p>particles per class: " + ", ".join(f"{k}: {v}" for k, v in counts.items()) + "</p>")
+        except Exception as exc:  # a report must not fail because images moved
+            parts.append(f"<p>particles.star could not be shown: {html.escape(str(exc))}</p>")
+
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>spa3d {html.escape(job.name)}</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(parts)}{_STATUS_SCRIPT}</body></html>")
+    from spa3d.io.atomic_write import atomic_path
+
+    dest = job / "report.html"
+    with atomic_path(dest) as tmp:
+        tmp.write_text(page)
+    log.info(f"report: {dest}")
+    return dest
