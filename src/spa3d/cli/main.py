@@ -20,6 +20,13 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
 
 
+def _add_dask(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=0,
+                   help="run on a local Dask cluster of N worker processes (default 0: in this process)")
+    p.add_argument("--dask-scheduler", default=None,
+                   help="address of a running dask.distributed scheduler (e.g. tcp://host:8786)")
+
+
 def _cmd_simulate(a) -> None:
     from spa3d.jobs.progress import setup_logging
     from spa3d.jobs.simulate import SimulationOptions, simulate
@@ -47,7 +54,7 @@ def _cmd_reconstruct(a) -> None:
     opts = ReconstructOptions(ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak,
                               ctf_phase_flipped=a.ctf_phase_flipped, symmetry=a.sym, maxres=a.maxres, pad=a.pad,
                               subset=a.subset, class_number=a.klass, device=a.device, threads=a.threads,
-                              batch_size=a.batch_size)
+                              batch_size=a.batch_size, workers=a.workers, dask_scheduler=a.dask_scheduler)
     reconstruct(a.i, a.o, opts)
 
 
@@ -104,7 +111,7 @@ def _cmd_class3d(a) -> None:
                        firstiter_cc=a.firstiter_cc, symmetry=a.sym, strict_highres_exp=a.strict_highres_exp,
                        skip_align=a.skip_align, sigma_ang=a.sigma_ang, fast_subsets=a.fast_subsets,
                        batch_size=a.batch_size, seed=a.seed,
-                       device=a.device, threads=a.threads)
+                       device=a.device, threads=a.threads, workers=a.workers, dask_scheduler=a.dask_scheduler)
     setup_logging(quiet=a.quiet)
     logging.getLogger("spa3d").info(" ".join(a.command_line))
     run_class3d(a.i, a.ref, a.o, o, continue_from=a.continue_from)
@@ -195,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="klass", type=int, default=None, help="only particles of this rlnClassNumber")
     p.add_argument("--batch-size", type=int, default=256, help="particles per batch (default 256)")
     _add_device(p)
+    _add_dask(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_reconstruct)
 
@@ -271,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue", dest="continue_from", default=None, help="run_itNNN_optimiser.star to continue from")
     p.add_argument("--quiet", action="store_true", help="no progress on the terminal (the job's run.log still has it)")
     _add_device(p)
+    _add_dask(p)
     p.set_defaults(func=_cmd_class3d)
 
     p = sub.add_parser("symmetrize", help="impose a point group on a map (as relion_image_handler --sym)",

@@ -95,6 +95,8 @@ class Class3dOptions:
     seed: int = 0
     device: str | None = None
     threads: int | None = None
+    workers: int = 0  # > 0: run the E-step on a local Dask cluster of this many worker processes
+    dask_scheduler: str | None = None  # address of an existing dask.distributed scheduler
 
 
 @dataclass
@@ -305,9 +307,180 @@ def coarse_radius(order: int, particle_diameter: float, box: int, pixel_size: fl
     return float(np.ceil(box * pixel_size / (moved / 1.2)))
 
 
+@dataclass
+class EStepChunk:
+    """One chunk of an iteration's E-step: what a worker needs (picklable, sent to Dask workers).
+
+    Per-particle arrays are those of ``indices`` (rows of the STAR file); batches
+    are cut from ``indices`` in order, batch ``first_batch + j`` seeding its own
+    random numbers from (seed, iteration, batch number), so that any split of
+    an iteration into chunks (at batch boundaries) gives the same result.
+    """
+
+    star: str
+    project_dir: str
+    indices: np.ndarray
+    first_batch: int
+    batch_size: int
+    iteration: int
+    seed: int
+    maps: np.ndarray  # (K, n, n, n)
+    sigma2: np.ndarray
+    class_fractions: np.ndarray
+    sigma_offset_px: float
+    offsets_px: np.ndarray  # (B, 2) of indices
+    angles: np.ndarray  # (B, 3) of indices
+    scale: np.ndarray  # (B,) group scale of each particle
+    groups: np.ndarray  # (B,) 0-based group of each particle
+    n_groups: int
+    allowed: np.ndarray  # (B,) class a particle may take in iteration 1, -1 = any
+    options: Class3dOptions
+    order: int
+    r_cur: float
+    r_coarse: float
+    hard: bool
+    radius_px: float
+    device: str
+    threads: int | None = None
+
+
+@dataclass
+class EStepResult:
+    """What a chunk returns: per-particle results (rows ``indices``) and the M-step accumulators."""
+
+    indices: np.ndarray
+    offsets_px: np.ndarray
+    angles: np.ndarray
+    classes: np.ndarray  # 1-based
+    pmax: np.ndarray
+    n_significant: np.ndarray
+    log_likelihood: np.ndarray
+    rot_spread: np.ndarray
+    trans_spread: np.ndarray
+    class_post_sum: np.ndarray
+    res_shell: np.ndarray
+    pix_shell: np.ndarray
+    xa_g: np.ndarray
+    aa_g: np.ndarray
+    off_sq: float
+    acc: list  # per class: BackProjector accumulator tensor (D, D, D, 3)
+
+
+_GRID_CACHE: dict = {}
+
+
+def _search_grid(order: int, o: Class3dOptions, device: torch.device) -> SearchGrid:
+    key = (order, o.symmetry, o.offset_range, o.offset_step, str(device))
+    if key not in _GRID_CACHE:
+        coarse_t, fine_t = oversampled_translations(o.offset_range, o.offset_step)
+        ce, fe = oversampled_orientations(order, o.symmetry)
+        _GRID_CACHE[key] = SearchGrid(torch.as_tensor(euler_to_matrix(*ce.T), dtype=torch.float32, device=device),
+                                      torch.as_tensor(euler_to_matrix(*fe.T), dtype=torch.float32, device=device),
+                                      torch.as_tensor(coarse_t, dtype=torch.float32, device=device),
+                                      torch.as_tensor(fine_t, dtype=torch.float32, device=device))
+    return _GRID_CACHE[key]
+
+
+def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult:
+    """E-step of one chunk of particles and their M-step sums (see :class:`EStepChunk`)."""
+    o = ch.options
+    if ch.threads:
+        torch.set_num_threads(int(ch.threads))
+    device = torch.device(ch.device)
+    ps = ParticleSet(ch.star, ch.project_dir)
+    n, apix = ps.box, ps.pixel_size
+    k_cls = len(ch.maps)
+    mask2d = _image_mask(n, ch.radius_px)
+    grid = None if o.skip_align else _search_grid(ch.order, o, device)
+    px_f = FourierPixels.make(n, ch.r_cur, device=device)
+    px_c = FourierPixels.make(n, min(ch.r_cur, ch.r_coarse), device=device)
+    projectors = [Projector(ch.maps[k], r_max=min(n // 2, ch.r_cur + 2), device=device) for k in range(k_cls)]
+    coarse_refs = ([projectors[k].project_pixels(grid.coarse_rot, px_c.kx, px_c.ky) for k in range(k_cls)]
+                   if grid is not None else None)
+    bps = [BackProjector(n, r_max=ch.r_cur, device=device) for _ in range(k_cls)]
+    sigma2_t = torch.as_tensor(ch.sigma2, dtype=torch.float32, device=device)
+    log_prior = torch.as_tensor(np.log(np.clip(ch.class_fractions, 1e-10, None)), dtype=torch.float32, device=device)
+    m = len(ch.indices)
+    out = EStepResult(ch.indices, ch.offsets_px.copy(), ch.angles.copy(), np.zeros(m, dtype=int), np.zeros(m),
+                      np.zeros(m, dtype=int), np.zeros(m), np.zeros(m), np.zeros(m), np.zeros(k_cls),
+                      np.zeros(n // 2 + 1), np.zeros(n // 2 + 1), np.zeros(ch.n_groups), np.zeros(ch.n_groups), 0.0, [])
+    for j, s in enumerate(range(0, m, ch.batch_size)):
+        sl = slice(s, min(s + ch.batch_size, m))
+        idx = ch.indices[sl]
+        rng = np.random.default_rng([ch.seed, ch.iteration, ch.first_batch + j])
+        imgs = ps.read(idx)
+        x = rfft2_centered(_prepare_images(imgs, mask2d, o.zero_mask, rng)).to(device)
+        old = torch.as_tensor(ch.offsets_px[sl], dtype=torch.float32, device=device)
+        x = x * phase_shift_2d(n, old.double()).to(x.dtype)
+        if o.ctf:
+            c = ctf_half_plane(ps.ctf_params(idx), n, apix, device=device, intact_first_peak=o.ctf_intact_first_peak,
+                               phase_flipped=o.ctf_phase_flipped).to(torch.float32)
+        else:
+            c = torch.ones(x.shape, dtype=torch.float32, device=device)
+        c = c * torch.as_tensor(ch.scale[sl], dtype=torch.float32, device=device)[:, None, None]
+        allowed = torch.as_tensor(ch.allowed[sl], device=device)
+        if grid is None:
+            rots = torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32, device=device)
+            r = _skip_align_batch(x, c, rots, projectors, px_f, sigma2_t, log_prior, bps, allowed)
+        else:
+            prior_rot = (torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32, device=device)
+                         if o.sigma_ang > 0 else None)
+            r = search_batch(x, c, old, grid, projectors, coarse_refs, px_c, px_f, sigma2_t, log_prior,
+                             ch.sigma_offset_px, bps, allowed, ch.hard, o.adaptive_fraction, o.max_significant,
+                             prior_rot, o.sigma_ang, o.marginalise_broad)
+            out.offsets_px[sl] = ch.offsets_px[sl] + r.best_translation
+            out.angles[sl] = np.stack(matrix_to_euler(r.best_rotation.astype(np.float64)), 1)
+        out.classes[sl] = r.best_class + 1
+        out.pmax[sl], out.n_significant[sl], out.log_likelihood[sl] = r.max_posterior, r.n_significant, r.log_evidence
+        out.rot_spread[sl], out.trans_spread[sl] = r.rot_spread_deg, r.trans_spread_px
+        out.class_post_sum += r.class_posterior.sum(0)
+        k = len(r.residual_shell)
+        out.res_shell[:k] += r.residual_shell
+        out.pix_shell[:k] += r.pixel_shell
+        np.add.at(out.xa_g, ch.groups[sl], r.scale_xa)
+        np.add.at(out.aa_g, ch.groups[sl], r.scale_aa)
+        out.off_sq += r.offset_sq_sum
+        if progress is not None:
+            progress.update(len(idx))
+    out.acc = [bp.acc for bp in bps]
+    return out
+
+
+def _combine(results: list[EStepResult]) -> EStepResult:
+    """Sum the accumulators of several chunks (in chunk order) and join their per-particle results."""
+    first = results[0]
+    if len(results) == 1:
+        return first
+    cat = {f: np.concatenate([getattr(r, f) for r in results]) for f in
+           ("indices", "offsets_px", "angles", "classes", "pmax", "n_significant", "log_likelihood", "rot_spread",
+            "trans_spread")}
+    sums = {f: sum(getattr(r, f) for r in results) for f in
+            ("class_post_sum", "res_shell", "pix_shell", "xa_g", "aa_g", "off_sq")}
+    acc = [sum(r.acc[k].cpu() for r in results) for k in range(len(first.acc))]
+    return EStepResult(**cat, **sums, acc=acc)
+
+
 def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptions,
                 continue_from: str | None = None) -> tuple[np.ndarray, Class3dState]:
-    """Run the classification; returns the final class maps (K, n, n, n) and state."""
+    """Run the classification; returns the final class maps (K, n, n, n) and state.
+
+    With ``o.workers`` or ``o.dask_scheduler`` the E-step of every iteration is
+    spread over Dask workers (:mod:`spa3d.backend.distributed`); the result is
+    the same as in one process, up to the order of floating-point sums.
+    """
+    cluster = None
+    if o.workers or o.dask_scheduler:
+        from spa3d.backend.distributed import DaskCluster
+
+        cluster = DaskCluster(o.workers, o.dask_scheduler, o.threads or 1)
+    try:
+        return _run_class3d(star, ref, job_dir, o, continue_from, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
     job = Path(job_dir)
     job.mkdir(parents=True, exist_ok=True)
     add_log_file(job / "run.log")
@@ -370,14 +543,6 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
 
     coarse_t, fine_t = oversampled_translations(o.offset_range, o.offset_step)
 
-    def make_grid(order: int) -> SearchGrid:
-        ce, fe = oversampled_orientations(order, o.symmetry)
-        return SearchGrid(torch.as_tensor(euler_to_matrix(*ce.T), dtype=torch.float32, device=device),
-                          torch.as_tensor(euler_to_matrix(*fe.T), dtype=torch.float32, device=device),
-                          torch.as_tensor(coarse_t, dtype=torch.float32, device=device),
-                          torch.as_tensor(fine_t, dtype=torch.float32, device=device))
-
-    grids = {}
     n_warm = warmup_iterations(o)
     n_coarse_max = len(oversampled_orientations(o.healpix_order, o.symmetry)[0]) * len(coarse_t)
     bs = _batch_size(o, k_cls, n_coarse_max, device)
@@ -396,20 +561,32 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
         if o.strict_highres_exp > 0:
             r_cur = min(r_cur, n * apix / o.strict_highres_exp)
         order = o.healpix_order - 1 if it <= n_warm else o.healpix_order
-        grid = None if o.skip_align else grids.setdefault(order, make_grid(order))
         r_coarse_cap = o.coarse_radius_px or coarse_radius(order, diameter, n, apix)
-        px_f = FourierPixels.make(n, r_cur, device=device)
-        px_c = FourierPixels.make(n, min(r_cur, r_coarse_cap), device=device)
-        projectors = [Projector(maps[k], r_max=min(n // 2, r_cur + 2), device=device) for k in range(k_cls)]
-        coarse_refs = ([projectors[k].project_pixels(grid.coarse_rot, px_c.kx, px_c.ky) for k in range(k_cls)]
-                       if grid is not None else None)
-        bps = [BackProjector(n, r_max=r_cur, device=device) for _ in range(k_cls)]
-        sigma2_t = torch.as_tensor(st.sigma2, dtype=torch.float32, device=device)
-        log_prior = torch.as_tensor(np.log(np.clip(st.class_fractions, 1e-10, None)), dtype=torch.float32, device=device)
         hard = bool(o.firstiter_cc and it == 1)
         allowed = rng.integers(0, k_cls, size=n_part) if (it == 1 and k_cls > 1) else np.full(n_part, -1)
         todo = iteration_subset(o, it, n_part, rng)
         n_used = len(todo)
+        prog = Progress(n_used, label=f"iteration {it}/{o.n_iter}: ")
+        scale_all = st.group_scale[groups]
+
+        def chunk(sel: np.ndarray, first_batch: int, dev: str, threads=None) -> EStepChunk:
+            return EStepChunk(str(ps.star_path), str(ps.project_dir), sel, first_batch, bs, it, o.seed, maps,
+                              st.sigma2, st.class_fractions, st.sigma_offset_px, st.offsets_px[sel], st.angles[sel],
+                              scale_all[sel], groups[sel], n_groups, allowed[sel], o, order, r_cur, r_coarse_cap, hard,
+                              radius_px, dev, threads)
+
+        if cluster is None:
+            res_all = estep_chunk(chunk(todo, 0, str(device)), prog)
+        else:
+            n_batches = int(np.ceil(n_used / bs))
+            per = int(np.ceil(n_batches / max(1, cluster.n_chunks)))
+            bounds = list(range(0, n_batches, per))
+            tasks = [chunk(todo[b * bs:(b + per) * bs], b, "cpu", cluster.threads) for b in bounds]
+            res_all = _combine(cluster.map(estep_chunk, tasks))
+            prog.update(n_used)
+        bps = [BackProjector(n, r_max=r_cur, device=device) for _ in range(k_cls)]
+        for bp, acc in zip(bps, res_all.acc):
+            bp.acc = acc.to(device)
         # particles outside this iteration's subset (--fast-subsets) keep what they had
         new_off = st.offsets_px.copy()
         new_ang = st.angles.copy()
@@ -419,52 +596,12 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
         loglik = np.array(st.stats.get("log_likelihood", np.zeros(n_part)), dtype=float)
         rot_spread = np.zeros(n_part)
         trans_spread = np.zeros(n_part)
-        class_post_sum = np.zeros(k_cls)
-        res_shell = np.zeros(n // 2 + 1)
-        pix_shell = np.zeros(n // 2 + 1)
-        xa_g = np.zeros(n_groups)
-        aa_g = np.zeros(n_groups)
-        off_sq = 0.0
-        prog = Progress(n_used, label=f"iteration {it}/{o.n_iter}: ")
-        for batch in ps.batches(bs, indices=todo, with_ctf=o.ctf):
-            idx = batch.indices
-            x = rfft2_centered(_prepare_images(batch.images, mask2d, o.zero_mask, rng)).to(device)
-            old = torch.as_tensor(st.offsets_px[idx], dtype=torch.float32, device=device)
-            x = x * phase_shift_2d(n, old.double()).to(x.dtype)
-            if o.ctf:
-                c = ctf_half_plane(batch.ctf, n, apix, device=device, intact_first_peak=o.ctf_intact_first_peak,
-                                   phase_flipped=o.ctf_phase_flipped).to(torch.float32)
-            else:
-                c = torch.ones(x.shape, dtype=torch.float32, device=device)
-            c = c * torch.as_tensor(st.group_scale[groups[idx]], dtype=torch.float32, device=device)[:, None, None]
-            if grid is None:
-                r = _skip_align_batch(x, c, torch.as_tensor(euler_to_matrix(*st.angles[idx].T), dtype=torch.float32,
-                                                            device=device), projectors, px_f, sigma2_t, log_prior, bps,
-                                      torch.as_tensor(allowed[idx], device=device))
-            else:
-                prior_rot = (torch.as_tensor(euler_to_matrix(*st.angles[idx].T), dtype=torch.float32, device=device)
-                             if o.sigma_ang > 0 else None)
-                r = search_batch(x, c, old, grid, projectors, coarse_refs, px_c, px_f, sigma2_t, log_prior,
-                                 st.sigma_offset_px, bps, torch.as_tensor(allowed[idx], device=device), hard,
-                                 o.adaptive_fraction, o.max_significant, prior_rot, o.sigma_ang,
-                                 o.marginalise_broad)
-            if grid is None:
-                new_off[idx] = st.offsets_px[idx]
-                new_ang[idx] = st.angles[idx]
-            else:
-                new_off[idx] = st.offsets_px[idx] + r.best_translation
-                new_ang[idx] = np.stack(matrix_to_euler(r.best_rotation.astype(np.float64)), 1)
-            new_cls[idx] = r.best_class + 1
-            pmax[idx], n_sig[idx], loglik[idx] = r.max_posterior, r.n_significant, r.log_evidence
-            rot_spread[idx], trans_spread[idx] = r.rot_spread_deg, r.trans_spread_px
-            class_post_sum += r.class_posterior.sum(0)
-            m = len(r.residual_shell)
-            res_shell[:m] += r.residual_shell
-            pix_shell[:m] += r.pixel_shell
-            np.add.at(xa_g, groups[idx], r.scale_xa)
-            np.add.at(aa_g, groups[idx], r.scale_aa)
-            off_sq += r.offset_sq_sum
-            prog.update(len(idx))
+        idx = res_all.indices
+        new_off[idx], new_ang[idx], new_cls[idx] = res_all.offsets_px, res_all.angles, res_all.classes
+        pmax[idx], n_sig[idx], loglik[idx] = res_all.pmax, res_all.n_significant, res_all.log_likelihood
+        rot_spread[idx], trans_spread[idx] = res_all.rot_spread, res_all.trans_spread
+        class_post_sum, res_shell, pix_shell = res_all.class_post_sum, res_all.res_shell, res_all.pix_shell
+        xa_g, aa_g, off_sq = res_all.xa_g, res_all.aa_g, res_all.off_sq
 
         # ---- M-step ----
         if hard:
@@ -478,7 +615,7 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
         upd = pix_shell > 0
         st.sigma2[upd] = res_shell[upd] / pix_shell[upd]
         st.class_fractions = class_post_sum / class_post_sum.sum()
-        if grid is not None:
+        if not o.skip_align:
             st.sigma_offset_px = float(np.sqrt(off_sq / (2 * n_used)))
         new_maps = np.empty_like(maps)
         info = {"resolution": np.zeros(k_cls), "completeness": np.zeros(k_cls), "ssnr": [], "tau2": [],

@@ -42,6 +42,16 @@ class ReconstructOptions:
     class_number: int | None = None
     device: str | None = None
     threads: int | None = None
+    workers: int = 0  # > 0: back-project on a local Dask cluster of this many processes
+    dask_scheduler: str | None = None
+
+
+def _backproject_chunk(args) -> torch.Tensor:
+    """Worker side: accumulate one chunk of particles; returns the accumulator (D, D, D, 3)."""
+    star, project_dir, indices, opts, r_max, threads = args
+    torch.set_num_threads(int(threads))
+    particles = ParticleSet(star, project_dir)
+    return backproject_particles(particles, indices, opts, torch.device("cpu"), r_max).acc
 
 
 def backproject_particles(particles: ParticleSet, indices: np.ndarray, opts: ReconstructOptions,
@@ -89,7 +99,18 @@ def reconstruct(star: str, output: str, opts: ReconstructOptions, project_dir: s
     log.info(f"reconstruct: {len(indices)} particles, box {n}, {apix:.3f} Å/px, symmetry {opts.symmetry}, "
              f"r_max {r_max:.1f} shells, CTF {'on' if opts.ctf else 'off'}, device {device}")
     prog = Progress(len(indices), label="reconstruct: ")
-    bp = backproject_particles(particles, indices, opts, device, r_max, prog)
+    if opts.workers or opts.dask_scheduler:
+        from spa3d.backend.distributed import DaskCluster
+
+        with DaskCluster(opts.workers, opts.dask_scheduler, opts.threads or 1) as cluster:
+            chunks = np.array_split(indices, cluster.n_chunks)
+            accs = cluster.map(_backproject_chunk, [(str(particles.star_path), str(particles.project_dir), c, opts,
+                                                     r_max, cluster.threads) for c in chunks if len(c)])
+        bp = BackProjector(n, pad=opts.pad, r_max=r_max, device=device)
+        bp.acc = sum(a.cpu() for a in accs).to(device)
+        prog.update(len(indices))
+    else:
+        bp = backproject_particles(particles, indices, opts, device, r_max, prog)
     vol = bp.reconstruct(symmetry_ops=ops).cpu().numpy()
     write_map(output, vol, apix)
     log.info(f"wrote {output} ({prog.elapsed:.1f} s)")

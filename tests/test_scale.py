@@ -1,0 +1,74 @@
+"""Scale: class3d on a local Dask cluster gives the in-process result; peak memory does not grow with the data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from spa3d.data import default_mixture
+from spa3d.io.mrc import write_map
+from spa3d.io.star import read_star, write_star
+from spa3d.fourier.filters import lowpass
+from spa3d.jobs.class3d import Class3dOptions, run_class3d
+from spa3d.jobs.simulate import SimulationOptions, simulate
+
+
+@pytest.fixture(scope="module")
+def small_mixture(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dask")
+    maps = default_mixture()
+    for k, m in enumerate(maps):
+        write_map(d / f"s{k + 1}.mrc", m, 2.0)
+    simulate([str(d / f"s{k + 1}.mrc") for k in range(3)], d,
+             SimulationOptions(n_particles=160, snr=0.1, seed=2, fractions=[0.5, 0.3, 0.2]))
+    write_map(d / "reference.mrc", 7.0 * lowpass(maps[0], 2.0, 50.0), 2.0)
+    return d
+
+
+def _opts(**kw):
+    base = dict(n_classes=3, n_iter=3, healpix_order=1, ctf=True, zero_mask=True, flatten_solvent=True,
+                particle_diameter=110.0, firstiter_cc=True, seed=4, batch_size=32, threads=1)
+    base.update(kw)
+    return Class3dOptions(**base)
+
+
+def test_dask_workers_give_the_in_process_result(small_mixture, tmp_path):
+    d = small_mixture
+    maps1, st1 = run_class3d(str(d / "particles.star"), str(d / "reference.mrc"), str(tmp_path / "one"), _opts())
+    maps2, st2 = run_class3d(str(d / "particles.star"), str(d / "reference.mrc"), str(tmp_path / "dask"),
+                             _opts(workers=2))
+    assert np.array_equal(st1.classes, st2.classes)
+    assert np.allclose(st1.angles, st2.angles, atol=1e-3)
+    assert np.allclose(st1.offsets_px, st2.offsets_px, atol=1e-4)
+    scale = np.abs(maps1).max()
+    assert np.abs(maps1 - maps2).max() <= 1e-4 * scale, "maps differ beyond float rounding"
+
+
+_MEASURE = r"""
+import json, resource, sys
+from spa3d.jobs.class3d import Class3dOptions, run_class3d
+o = Class3dOptions(n_classes=1, n_iter=1, healpix_order=1, ctf=True, zero_mask=True, particle_diameter=110.0,
+                   seed=1, batch_size=64, threads=1)
+run_class3d(sys.argv[1], sys.argv[2], sys.argv[3], o)
+print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_particles(tmp_path):
+    """One class3d iteration over 200 and 2000 particles (streamed from disk): peak RSS grows by less than 10 %."""
+    ref = default_mixture()[0]
+    write_map(tmp_path / "ref.mrc", ref, 2.0)
+    peaks = {}
+    for n in (200, 2000):
+        d = tmp_path / f"n{n}"
+        simulate([str(tmp_path / "ref.mrc")], d, SimulationOptions(n_particles=n, snr=0.1, seed=n))
+        out = subprocess.run([sys.executable, "-c", _MEASURE, str(d / "particles.star"), str(tmp_path / "ref.mrc"),
+                              str(d / "job")], capture_output=True, text=True, check=True)
+        peaks[n] = json.loads(out.stdout.strip().splitlines()[-1])["peak_kib"]
+    growth = peaks[2000] / peaks[200] - 1
+    print(f"peak RSS: {peaks[200] / 1024:.0f} MiB (200 particles), {peaks[2000] / 1024:.0f} MiB (2000), {100 * growth:+.1f} %")
+    assert growth < 0.10, f"peak memory {peaks[200] / 1024:.0f} MiB -> {peaks[2000] / 1024:.0f} MiB (+{100 * growth:.1f} %)"
