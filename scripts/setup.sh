@@ -2,7 +2,8 @@
 # Set up spa3d in ./.venv on a machine with Python 3.11 (and apt for RELION).
 #
 #   bash scripts/setup.sh            # package + test tools
-#   bash scripts/setup.sh --relion   # also RELION 3.1 (Debian package), the tests' oracle
+#   bash scripts/setup.sh --relion   # also RELION 3.1 and Chromium (Debian packages): the tests' oracle
+#                                    # and the browser the report test opens report.html in
 #
 # On a machine without an NVIDIA GPU the CPU build of torch 2.13.0 is
 # installed (never the CUDA wheels); with one, the CUDA build. Set
@@ -13,9 +14,14 @@ cd "$(dirname "$0")/.."
 want_relion=0
 for a in "$@"; do [ "$a" = "--relion" ] && want_relion=1; done
 
-if [ "$want_relion" = 1 ] && ! command -v relion_project >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq relion >/dev/null
+if [ "$want_relion" = 1 ]; then
+    need=()
+    command -v relion_project >/dev/null 2>&1 || need+=(relion)
+    command -v chromium >/dev/null 2>&1 || need+=(chromium)
+    if [ ${#need[@]} -gt 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
 fi
 
 PY=python3.11

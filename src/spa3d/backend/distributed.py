@@ -19,6 +19,15 @@ import logging
 
 log = logging.getLogger("spa3d")
 
+#: peak resident memory (KiB) of the busiest worker of the last cluster closed (for benchmarks)
+last_worker_peak_kib = 0
+
+
+def _peak_rss_kib() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
 
 class DaskCluster:
     """A dask.distributed client with the chunking policy of spa3d's jobs."""
@@ -49,6 +58,13 @@ class DaskCluster:
         return self.client.gather(futures)
 
     def close(self) -> None:
+        global last_worker_peak_kib
+        try:
+            peaks = self.client.run(_peak_rss_kib)
+            last_worker_peak_kib = max(peaks.values()) if peaks else 0
+            log.info(f"dask: peak memory per worker {last_worker_peak_kib / 1024:.0f} MiB")
+        except Exception:  # pragma: no cover - a remote cluster may refuse client.run
+            pass
         self.client.close()
         if self._local is not None:
             self._local.close()
