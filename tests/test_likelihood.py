@@ -60,3 +60,33 @@ def test_true_pose_has_the_highest_likelihood(truth_map):
     assert (best_t.numpy() == truth_t).all()
     err = angular_distance_deg(euler_to_matrix(*grid[best_r.numpy()].T), euler_to_matrix(*grid[truth_r].T))
     assert np.median(err) < 1e-3
+
+
+def test_single_precision_posteriors_match_double_precision(truth_map):
+    """The hot path runs in float32: its posteriors over poses must match float64 on realistic data."""
+    vol, _ = truth_map
+    rng = np.random.default_rng(9)
+    n, r_max = 64, 20
+    grid = orientation_grid(1)
+    trans = translation_grid(3, 1)
+    px = FourierPixels.make(n, r_max)
+    proj = Projector(vol, r_max=r_max)
+    mats = torch.tensor(euler_to_matrix(*grid.T), dtype=torch.float32)
+    refs = px.take(proj.project(mats))
+    pick = rng.choice(len(grid), 16)
+    ctf = ctf_half_plane(_random_ctf(16, SimulationOptions(), rng), n, 2.0)
+    imgs = irfft2_centered(proj.project(mats[pick]) * ctf, n)
+    imgs = imgs + 3.0 * imgs.std() * torch.randn(imgs.shape, generator=torch.Generator().manual_seed(1))  # SNR ~0.1
+    x = px.take(rfft2_centered(imgs))
+    w = px.multiplicity / (9.0 * float(imgs.var()) * n * n)
+    ph = px.shift_phases(torch.tensor(trans, dtype=torch.float32))
+    c = px.take(ctf)
+    post = {}
+    for dt in (torch.float32, torch.float64):
+        cdt = torch.complex64 if dt == torch.float32 else torch.complex128
+        ll = log_likelihoods(x.to(cdt), c.to(dt), w.to(dt), refs.to(cdt), ph.to(cdt)).reshape(16, -1)
+        post[dt] = torch.softmax(ll.double(), dim=1)
+    diff = (post[torch.float32] - post[torch.float64]).abs().sum(1).max().item()
+    print(f"float32 vs float64 posterior total variation: max {diff:.2e}")
+    assert diff < 1e-2, f"total variation between float32 and float64 posteriors: {diff:.2e}"
+    assert torch.equal(post[torch.float32].argmax(1), post[torch.float64].argmax(1))

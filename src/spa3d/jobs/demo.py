@@ -8,7 +8,7 @@ each in its own ``<Type>/jobNNN/`` with note.txt, the pipeline record and a
 report.html:
 
 1. Import/job001       ``spa3d simulate`` (micrographs, particles, ground truth)
-2. InitialModel/job002 ``spa3d initial-model`` (C1, SGD, shortened schedule)
+2. InitialModel/job002 ``spa3d initial-model`` (C1, SGD, the tutorial's schedule)
    then ``spa3d align-symmetry --sym C5``: the B5 ring is five-fold, the
    A subunit breaks the symmetry, so the demo aligns the axis and reports
    how symmetric the map is, but does not impose C5
@@ -95,10 +95,12 @@ def run_demo(project: str | Path | None = None, n_particles: int = 2000, seed: i
 
     # 2. initial model + symmetry axis
     t = time.perf_counter()
-    sched = ["--sgd-ini-iter", "5", "--sgd-inbetween-iter", "15", "--sgd-fin-iter", "5"] if quick else \
-        ["--sgd-ini-iter", "10", "--sgd-inbetween-iter", "30", "--sgd-fin-iter", "10"]
+    # the tutorial's schedule (25/100/25 iterations, mini-batches 100 -> 500, 35 -> 15 Å), searching 10 Fourier
+    # shells beyond the scheduled resolution as RELION does (--incr-size)
+    sched = ["--sgd-ini-iter", "5", "--sgd-inbetween-iter", "15", "--sgd-fin-iter", "5", "--sgd-fin-subset", "300"] \
+        if quick else []
     im = _run(project, ["initial-model", "--i", f"{imp}/particles.star", "--particle-diameter", "110",
-                        "--sgd-fin-subset", "300", *sched, "--seed", str(seed), "--quiet", *dev])
+                        "--incr-size", "10", *sched, "--seed", str(seed), "--quiet", *dev])
     its = sorted((project / im).glob("run_it*_class001.mrc"))
     im_map = its[-1]
     res["initial_model_fsc05"], mirrored = _fsc05(read_map(im_map)[0], truth, apix)
