@@ -93,3 +93,18 @@ def mic_project(tmp_path_factory):
     d = tmp_path_factory.mktemp("mics")
     simulate([default_structure()], d, SimulationOptions(n_particles=40, snr=0.1, seed=5, n_micrographs=4))
     return d
+
+
+def write_mixture(d, n: int, seed: int, fractions=(0.5, 0.3, 0.2)):
+    """Simulate ``n`` particles of the three-species mixture (1TII complex, B5 ring, junk) into ``d``, with a
+    reference: the complex at 50 Å on an arbitrary greyscale (``d/reference.mrc``). Returns the species maps."""
+    from spa3d.data import default_mixture
+    from spa3d.fourier.filters import lowpass
+
+    maps = default_mixture()
+    for k, m in enumerate(maps):
+        write_map(d / f"species{k + 1}.mrc", m, 2.0)
+    simulate([str(d / f"species{k + 1}.mrc") for k in range(3)], d,
+             SimulationOptions(n_particles=n, snr=0.1, seed=seed, fractions=list(fractions)))
+    write_map(d / "reference.mrc", 7.0 * lowpass(maps[0], 2.0, 50.0), 2.0)
+    return maps

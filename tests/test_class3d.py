@@ -7,12 +7,11 @@ import pytest
 
 from spa3d.analysis.metrics import adjusted_rand_index
 from spa3d.cli.main import main
-from spa3d.data import default_mixture
 from spa3d.fourier.filters import lowpass
 from spa3d.io.mrc import read_map, write_map
 from spa3d.io.star import read_star, write_star
 from spa3d.jobs.class3d import Class3dOptions, run_class3d
-from spa3d.jobs.simulate import SimulationOptions, simulate
+from conftest import write_mixture
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +19,11 @@ def mixture(tmp_path_factory):
     """300 particles: 1TII's AB5 complex, its B5 ring and junk (50/30/20 %), SNR 0.1, as picked (no poses,
     no offsets); a reference: the complex at 50 Å on an arbitrary greyscale. Returns (dir, true labels)."""
     d = tmp_path_factory.mktemp("mixture")
-    maps = default_mixture()
-    for k, m in enumerate(maps):
-        write_map(d / f"species{k + 1}.mrc", m, 2.0)
-    simulate([str(d / f"species{k + 1}.mrc") for k in range(3)], d,
-             SimulationOptions(n_particles=300, snr=0.1, seed=7, fractions=[0.5, 0.3, 0.2]))
+    write_mixture(d, 300, seed=7)
     t = read_star(d / "particles.star")
     parts = t["particles"]
     parts = parts.drop(columns=[c for c in parts.columns if c.startswith(("rlnOrigin", "rlnAngle"))])
     write_star(d / "picked.star", {"optics": t["optics"], "particles": parts})
-    write_map(d / "reference.mrc", 7.0 * lowpass(maps[0], 2.0, 50.0), 2.0)
     labels = read_star(d / "particles_truth.star")["particles"]["rlnClassNumber"].to_numpy()
     return d, labels
 

@@ -11,8 +11,7 @@ import pytest
 
 from spa3d.data import default_mixture
 from spa3d.io.mrc import write_map
-from spa3d.io.star import read_star, write_star
-from spa3d.fourier.filters import lowpass
+from conftest import write_mixture
 from spa3d.jobs.class3d import Class3dOptions, run_class3d
 from spa3d.jobs.simulate import SimulationOptions, simulate
 
@@ -20,12 +19,7 @@ from spa3d.jobs.simulate import SimulationOptions, simulate
 @pytest.fixture(scope="module")
 def small_mixture(tmp_path_factory):
     d = tmp_path_factory.mktemp("dask")
-    maps = default_mixture()
-    for k, m in enumerate(maps):
-        write_map(d / f"s{k + 1}.mrc", m, 2.0)
-    simulate([str(d / f"s{k + 1}.mrc") for k in range(3)], d,
-             SimulationOptions(n_particles=160, snr=0.1, seed=2, fractions=[0.5, 0.3, 0.2]))
-    write_map(d / "reference.mrc", 7.0 * lowpass(maps[0], 2.0, 50.0), 2.0)
+    write_mixture(d, 160, seed=2)
     return d
 
 

@@ -20,6 +20,12 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
 
 
+def _add_job_output(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--o", default=None, help=f"{what} (or --project)")
+    p.add_argument("--project", default=None, help="RELION project directory: run there (paths relative to it) and "
+                                                    "write into the next <Type>/jobNNN/")
+
+
 def _add_dask(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="run on a local Dask cluster of N worker processes (default 0: in this process)")
@@ -167,8 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "random poses and offsets, per-particle CTF, white noise at a given SNR. Writes "
                                    "particles.star, particles_truth.star, truth_classNNN.mrc and stacks into --o.")
     p.add_argument("--i", nargs="+", required=True, help="maps (.mrc) or atomic models (.pdb, .cif), one per species")
-    p.add_argument("--o", default=None, help="output (project) directory (or --project)")
-    p.add_argument("--project", default=None, help="RELION project directory: run there (paths relative to it) and write into the next <Type>/jobNNN/")
+    _add_job_output(p, "output (project) directory")
     p.add_argument("--n", type=int, default=1000, help="number of particles (default 1000)")
     p.add_argument("--fractions", default=None, help="comma-separated fraction of each species (default equal)")
     p.add_argument("--box", type=int, default=64, help="box size in pixels (default 64)")
@@ -210,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a 3D map from particles alone by stochastic gradient descent. Defaults "
                                    "are the RELION tutorial's values (step 17).")
     p.add_argument("--i", default=None, help="particle STAR file")
-    p.add_argument("--o", default=None, help="job directory (or --project)")
-    p.add_argument("--project", default=None, help="RELION project directory: run there (paths relative to it) and write into the next <Type>/jobNNN/")
+    _add_job_output(p, "job directory")
     p.add_argument("--K", type=int, default=1, help="number of classes (default 1)")
     p.add_argument("--sym", default="C1", help="point group (default C1)")
     p.add_argument("--particle-diameter", type=float, default=200.0, help="mask diameter in Å (default 200)")
@@ -246,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run_itNNN_{classKKK.mrc,model.star,data.star,optimiser.star} in --o.")
     p.add_argument("--i", default=None, help="particle STAR file")
     p.add_argument("--ref", default=None, help="reference map (.mrc), same box and pixel size as the particles")
-    p.add_argument("--o", default=None, help="job directory (or --project)")
-    p.add_argument("--project", default=None, help="RELION project directory: run there (paths relative to it) and write into the next <Type>/jobNNN/")
+    _add_job_output(p, "job directory")
     p.add_argument("--K", type=int, default=4, help="number of classes (default 4)")
     p.add_argument("--iter", type=int, default=25, help="number of iterations (default 25)")
     p.add_argument("--tau2-fudge", type=float, default=4.0, help="regularisation parameter T (default 4)")
@@ -305,8 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "classification (read from the run_itNNN_data.star beside the model.star). "
                                    "Prints a ranking of the classes with the reasons.")
     p.add_argument("--i", required=True, help="a classification's run_itNNN_model.star")
-    p.add_argument("--o", default=None, help="job directory (writes particles.star) (or --project)")
-    p.add_argument("--project", default=None, help="RELION project directory: run there (paths relative to it) and write into the next <Type>/jobNNN/")
+    _add_job_output(p, "job directory (writes particles.star)")
     p.add_argument("--classes", default=None, help="class numbers to keep, e.g. 3,4")
     p.add_argument("--best", type=int, default=None, help="keep the N best-ranked classes")
     p.add_argument("--recenter", action="store_true",
@@ -323,8 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "micrograph and EXTDIR/particles.star with the new optics.")
     p.add_argument("--mics", required=True, help="micrographs STAR file (micrographs_ctf.star)")
     p.add_argument("--reextract", required=True, help="particle STAR file to re-extract (e.g. Select/job019/particles.star)")
-    p.add_argument("--o", default=None, help="job directory (or --project)")
-    p.add_argument("--project", default=None, help="RELION project directory: run there (paths relative to it) and write into the next <Type>/jobNNN/")
+    _add_job_output(p, "job directory")
     p.add_argument("--box", type=int, default=360, help="box size in pixels of the micrograph (even; default 360)")
     p.add_argument("--rescale", type=int, default=None, help="rescale the box to this many pixels (even; default: no)")
     p.add_argument("--invert", action="store_true", help="invert contrast (dark protein becomes white)")

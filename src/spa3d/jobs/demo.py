@@ -1,8 +1,10 @@
 """``spa3d demo``: steps 17–20 of the RELION tutorial, end to end, on the embedded data.
 
 The data: micrographs holding particles of a mixture built from PDB 1TII
-(shipped with spa3d): the AB5 complex (60 %), its B5 ring without the A
-subunit (25 %) and compact "junk" (15 %), box 64, 2 Å/pixel, SNR 0.1, CTF.
+(shipped with spa3d): the AB5 complex (80 %), its B5 ring without the A
+subunit (10 %) and compact "junk" (10 %), box 64, 2 Å/pixel, SNR 0.1, CTF:
+particles as they are after 2D classification, mostly intact, some broken,
+some junk.
 Every step runs as a user would run it, in one RELION project directory,
 each in its own ``<Type>/jobNNN/`` with note.txt, the pipeline record and a
 report.html:
@@ -43,7 +45,7 @@ from spa3d.maps.align import superpose
 
 log = logging.getLogger("spa3d")
 
-FRACTIONS = (0.6, 0.25, 0.15)
+FRACTIONS = (0.8, 0.1, 0.1)
 
 
 def new_project_dir(base: str | Path = ".") -> Path:
