@@ -109,6 +109,9 @@ def run_demo(project: str | Path | None = None, n_particles: int = 2000, seed: i
     aligned_map = im_map.with_name(im_map.stem + "_alignC5.mrc")
     if main(["align-symmetry", "--i", str(im_map), "--o", str(aligned_map), "--sym", "C5"]) != 0:
         raise RuntimeError("demo step failed: spa3d align-symmetry")
+    from spa3d.report.job_report import make_report
+
+    make_report(project / im)  # again, now with the aligned map
     times["initial-model"] = time.perf_counter() - t
 
     # 3. classification

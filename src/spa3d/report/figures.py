@@ -150,6 +150,7 @@ def orientation_distribution(rot_deg: np.ndarray, tilt_deg: np.ndarray, path, ti
     hb = ax.hexbin(lon, lat, gridsize=30, cmap="viridis", mincnt=1)
     fig.colorbar(hb, ax=ax, shrink=0.7, label="particles")
     ax.grid(True, alpha=0.3)
+    ax.set_xticklabels([])
     ax.set_title(title or "orientation distribution (rot, 90° − tilt)", fontsize=9)
     return _save(fig, path)
 
