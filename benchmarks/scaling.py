@@ -86,10 +86,11 @@ def main() -> None:
         from spa3d.maps.align import superpose
         aligned, _ = superpose(out_maps[best - 1], maps[0])
         res = resolution_at(fsc(aligned, maps[0]), 64, 2.0, 0.5)
-        mem = f"peak host RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
         if "workers" in extra:
             from spa3d.backend import distributed
-            mem += f" (job), {distributed.last_worker_peak_kib / 1024:.0f} MB per worker"
+            mem = f"peak RSS {distributed.last_worker_peak_kib / 1024:.0f} MB per worker"
+        else:
+            mem = f"peak host RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
         if cuda and "workers" not in extra:
             mem += f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
         print(f"  {label:<16} wall {wall:7.1f} s, {a.n * a.iter / wall:6.0f} particle-iterations/s, ARI {ari:.3f}, "

@@ -24,6 +24,15 @@ last_worker_peak_kib = 0
 
 
 def _peak_rss_kib() -> int:
+    """Peak resident memory of this process since it started (VmHWM; getrusage's maxrss would include the
+    parent's peak, which Linux carries over fork and exec)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -546,6 +546,9 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
     n_warm = warmup_iterations(o)
     n_coarse_max = len(oversampled_orientations(o.healpix_order, o.symmetry)[0]) * len(coarse_t)
     bs = _batch_size(o, k_cls, n_coarse_max, device)
+    if cluster is not None and not o.batch_size:
+        # several batches per worker, so that the chunks balance (give --batch-size to match an in-process run)
+        bs = int(min(bs, max(8, np.ceil(n_part / (4 * cluster.n_chunks)))))
     log.info(f"class3d: {n_part} particles, box {n}, {apix:.3f} Å/px, K={k_cls}, T={o.tau2_fudge}, "
              f"{o.n_iter} iterations; search {angular_step(o.healpix_order + 1):.1f}° "
              f"(the first {n_warm} at {angular_step(o.healpix_order):.1f}°), {len(coarse_t)} -> {len(fine_t)} "
