@@ -66,3 +66,21 @@ def test_peak_memory_does_not_grow_with_the_number_of_particles(tmp_path):
     growth = peaks[2000] / peaks[200] - 1
     print(f"peak RSS: {peaks[200] / 1024:.0f} MiB (200 particles), {peaks[2000] / 1024:.0f} MiB (2000), {100 * growth:+.1f} %")
     assert growth < 0.10, f"peak memory {peaks[200] / 1024:.0f} MiB -> {peaks[2000] / 1024:.0f} MiB (+{100 * growth:.1f} %)"
+
+
+def test_dask_workers_give_the_in_process_initial_model_and_reconstruction(small_mixture, tmp_path):
+    from spa3d.inference.sgd import SgdSchedule
+    from spa3d.jobs.initial_model import InitialModelOptions, run_initial_model
+    from spa3d.jobs.reconstruct import ReconstructOptions, reconstruct
+
+    d = small_mixture
+    sched = SgdSchedule(2, 2, 2, 35.0, 20.0, 40, 80)
+    runs = {}
+    for label, extra in (("one", {}), ("dask", {"workers": 2})):
+        runs[label] = run_initial_model(str(d / "particles.star"), str(tmp_path / label), InitialModelOptions(
+            particle_diameter=110.0, schedule=sched, seed=5, threads=1, **extra)).maps[0]
+    a, b = runs["one"], runs["dask"]
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max(), "initial models differ beyond float rounding"
+    r1 = reconstruct(str(d / "particles.star"), str(tmp_path / "r1.mrc"), ReconstructOptions(ctf=True, threads=1))
+    r2 = reconstruct(str(d / "particles.star"), str(tmp_path / "r2.mrc"), ReconstructOptions(ctf=True, workers=2))
+    assert np.abs(r1 - r2).max() <= 1e-4 * np.abs(r1).max(), "reconstructions differ beyond float rounding"

@@ -96,7 +96,7 @@ def _cmd_initial_model(a) -> None:
                             flatten_solvent=a.flatten_solvent, ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak,
                             ctf_phase_flipped=a.ctf_phase_flipped, healpix_order=order, offset_range=a.offset_range,
                             offset_step=a.offset_step, schedule=sched, write_iter=a.sgd_write_iter, seed=a.seed,
-                            incr_size=a.incr_size,
+                            incr_size=a.incr_size, workers=a.workers, dask_scheduler=a.dask_scheduler,
                             device=a.device, threads=a.threads)
     from spa3d.jobs.progress import setup_logging
 
@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue", dest="continue_from", default=None, help="run_itNNN_optimiser.star to continue from")
     p.add_argument("--quiet", action="store_true", help="no progress on the terminal (the job's run.log still has it)")
     _add_device(p)
+    _add_dask(p)
     p.set_defaults(func=_cmd_initial_model)
 
     p = sub.add_parser("class3d", help="3D classification by maximum likelihood (RELION 3.1 Class3D)",

@@ -25,7 +25,7 @@ from spa3d.fourier.filters import lowpass, power_spectrum, soft_sphere
 from spa3d.fourier.grid import rfft2_centered
 from spa3d.fourier.projector import Projector
 from spa3d.geometry.euler import random_rotations
-from spa3d.inference.estep import expectation
+from spa3d.inference.estep import BatchPosterior, expectation
 from spa3d.inference.likelihood import FourierPixels
 from spa3d.io.particles import ParticleSet
 
@@ -137,27 +137,73 @@ def _flatten(v: np.ndarray, o: SgdOptions, apix: float) -> np.ndarray:
     return np.clip(v, 0, None).astype(np.float32)
 
 
+def _estep_minibatch(ps: ParticleSet, idx: np.ndarray, maps: np.ndarray, sigma2: np.ndarray,
+                     class_fractions: np.ndarray, o: SgdOptions, r_cur: float):
+    """E-step of mini-batch particles ``idx`` against ``maps``: (posterior, back-projectors)."""
+    n, apix = ps.box, ps.pixel_size
+    dev = o.device
+    px = FourierPixels.make(n, r_cur, device=dev)
+    mask2d = torch.as_tensor(soft_sphere(n, o.particle_diameter / (2 * apix), 5.0, ndim=2))
+    x, c = image_pixels(ps, idx, px, mask2d, o)
+    sigma2_pix = torch.as_tensor(sigma2, dtype=torch.float32, device=dev)[px.shell].clamp_min(1e-12)
+    rots = torch.as_tensor(o.rotations, dtype=torch.float32, device=dev)
+    refs = [Projector(maps[k], r_max=r_cur + 1, device=dev).project_pixels(rots, px.kx, px.ky)
+            for k in range(o.n_classes)]
+    bps = [BackProjector(n, r_max=r_cur, device=dev) for _ in range(o.n_classes)]
+    post = expectation(x, c, px, sigma2_pix, refs, np.log(np.clip(class_fractions, 1e-6, None)), rots,
+                       torch.as_tensor(o.translations, dtype=torch.float32, device=dev), o.offset_sigma_px, bps)
+    return post, bps
+
+
+def _estep_minibatch_worker(args):
+    """Dask worker side of :func:`_estep_minibatch`: returns (posterior, accumulators)."""
+    star, project_dir, idx, maps, sigma2, fractions, o, r_cur, threads = args
+    torch.set_num_threads(int(threads))
+    post, bps = _estep_minibatch(ParticleSet(star, project_dir), idx, maps, sigma2, fractions, o, r_cur)
+    return post, [bp.acc for bp in bps]
+
+
+def _join_posteriors(posts: list) -> BatchPosterior:
+    cat = {f: np.concatenate([getattr(p, f) for p in posts]) for f in
+           ("best_class", "best_rotation", "best_translation", "max_posterior", "n_significant", "log_evidence",
+            "class_posterior")}
+    m = max(len(p.residual_power) for p in posts)
+    rp, pc = np.zeros(m), np.zeros(m)
+    for p in posts:
+        rp[:len(p.residual_power)] += p.residual_power
+        pc[:len(p.pixel_count)] += p.pixel_count
+    return BatchPosterior(**cat, residual_power=rp, pixel_count=pc)
+
+
 def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: SgdSchedule,
-                  rng: np.random.Generator) -> dict:
-    """One SGD iteration in place on ``state``; returns per-iteration statistics."""
+                  rng: np.random.Generator, cluster=None) -> dict:
+    """One SGD iteration in place on ``state``; returns per-iteration statistics.
+
+    With ``cluster`` (:class:`spa3d.backend.distributed.DaskCluster`) the mini-batch is split over its
+    workers and their accumulators are summed in chunk order: the in-process result up to float rounding.
+    """
     it = state.iteration + 1
     n, apix = ps.box, ps.pixel_size
     res, subset = schedule.at(it)
     # as RELION: the E-step and the reconstruction reach ``incr_size`` shells beyond the scheduled resolution
     r_cur = min(n // 2, n * apix / res + o.incr_size)
     res_eff = n * apix / r_cur
-    px = FourierPixels.make(n, r_cur, device=o.device)
-    mask2d = torch.as_tensor(soft_sphere(n, o.particle_diameter / (2 * apix), 5.0, ndim=2))
     idx = np.sort(rng.choice(len(ps), size=min(subset, len(ps)), replace=False))
-    x, c = image_pixels(ps, idx, px, mask2d, o)
     dev = o.device
-    sigma2_pix = torch.as_tensor(state.sigma2, dtype=torch.float32, device=dev)[px.shell].clamp_min(1e-12)
-    rots = torch.as_tensor(o.rotations, dtype=torch.float32, device=dev)
-    refs = [Projector(state.maps[k], r_max=r_cur + 1, device=dev).project_pixels(rots, px.kx, px.ky)
-            for k in range(o.n_classes)]
-    bps = [BackProjector(n, r_max=r_cur, device=dev) for _ in range(o.n_classes)]
-    post = expectation(x, c, px, sigma2_pix, refs, np.log(np.clip(state.class_fractions, 1e-6, None)), rots,
-                       torch.as_tensor(o.translations, dtype=torch.float32, device=dev), o.offset_sigma_px, bps)
+    if cluster is None:
+        post, bps = _estep_minibatch(ps, idx, state.maps, state.sigma2, state.class_fractions, o, r_cur)
+    else:
+        import dataclasses
+
+        o_cpu = dataclasses.replace(o, device=torch.device("cpu"))
+        chunks = [c for c in np.array_split(idx, cluster.n_chunks) if len(c)]
+        out = cluster.map(_estep_minibatch_worker, [
+            (str(ps.star_path), str(ps.project_dir), c, state.maps, state.sigma2, state.class_fractions, o_cpu,
+             r_cur, cluster.threads) for c in chunks])
+        post = _join_posteriors([p for p, _ in out])
+        bps = [BackProjector(n, r_max=r_cur, device=dev) for _ in range(o.n_classes)]
+        for k, bp in enumerate(bps):
+            bp.acc = sum(acc[k].cpu() for _, acc in out).to(dev)
     # noise spectrum: running average of the best-pose residual power
     m = len(post.pixel_count)
     est = post.residual_power / np.maximum(post.pixel_count, 1)

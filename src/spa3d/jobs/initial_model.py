@@ -50,6 +50,8 @@ class InitialModelOptions:
     seed: int = 0
     device: str | None = None
     threads: int | None = None
+    workers: int = 0  # > 0: the mini-batch E-step on a local Dask cluster of this many processes
+    dask_scheduler: str | None = None
 
 
 def _save_state(job: Path, state: SgdState, it: int) -> None:
@@ -103,6 +105,21 @@ def _write_iteration(job: Path, ps: ParticleSet, state: SgdState, poses: dict, r
 
 
 def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, continue_from: str | None = None) -> SgdState:
+    """Run the SGD initial model (see module docstring); with ``o.workers`` / ``o.dask_scheduler`` each
+    mini-batch's E-step is split over Dask workers."""
+    cluster = None
+    if o.workers or o.dask_scheduler:
+        from spa3d.backend.distributed import DaskCluster
+
+        cluster = DaskCluster(o.workers, o.dask_scheduler, o.threads or 1)
+    try:
+        return _run_initial_model(star, job_dir, o, continue_from, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, cluster) -> SgdState:
     job = Path(job_dir)
     job.mkdir(parents=True, exist_ok=True)
     add_log_file(job / "run.log")
@@ -141,7 +158,7 @@ def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, co
     res = sched.at(max(state.iteration, 1))[0]
     while state.iteration < sched.total:
         t0 = time.perf_counter()
-        out = sgd_iteration(ps, state, opts, sched, rng)
+        out = sgd_iteration(ps, state, opts, sched, rng, cluster)
         post = out["posterior"]
         res = out["resolution"]
         mats = opts.rotations[post.best_rotation]
