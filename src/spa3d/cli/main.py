@@ -96,8 +96,8 @@ def _cmd_initial_model(a) -> None:
                             flatten_solvent=a.flatten_solvent, ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak,
                             ctf_phase_flipped=a.ctf_phase_flipped, healpix_order=order, offset_range=a.offset_range,
                             offset_step=a.offset_step, schedule=sched, write_iter=a.sgd_write_iter, seed=a.seed,
-                            incr_size=a.incr_size, workers=a.workers, dask_scheduler=a.dask_scheduler,
-                            device=a.device, threads=a.threads)
+                            incr_size=a.incr_size, step_size=a.sgd_stepsize, momentum=a.mu, final_em=a.final_em,
+                            workers=a.workers, dask_scheduler=a.dask_scheduler, device=a.device, threads=a.threads)
     from spa3d.jobs.progress import setup_logging
 
     setup_logging(quiet=a.quiet)
@@ -236,8 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sgd-fin-resol", type=float, default=15.0, help="final resolution in Å (default 15)")
     p.add_argument("--sgd-ini-subset", type=int, default=100)
     p.add_argument("--sgd-fin-subset", type=int, default=500)
-    p.add_argument("--incr-size", type=float, default=0.0,
-                   help="Fourier shells searched beyond the scheduled resolution (RELION's --incr_size)")
+    p.add_argument("--incr-size", type=float, default=10.0,
+                   help="Fourier shells searched beyond the scheduled resolution (RELION's --incr_size, default 10)")
+    p.add_argument("--sgd-stepsize", type=float, default=0.5, help="SGD step size (RELION's default 0.5)")
+    p.add_argument("--mu", type=float, default=0.9, help="SGD momentum (RELION's default 0.9)")
+    p.add_argument("--final-em", type=int, default=1,
+                   help="the last N iterations are EM steps over all particles, offsets searched at half the "
+                        "step (default 1; 0 is RELION's behaviour)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--continue", dest="continue_from", default=None, help="run_itNNN_optimiser.star to continue from")
     p.add_argument("--quiet", action="store_true", help="no progress on the terminal (the job's run.log still has it)")

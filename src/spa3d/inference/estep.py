@@ -40,12 +40,14 @@ def expectation(x: torch.Tensor, ctf: torch.Tensor, px: FourierPixels, sigma2: t
                 refs: list[torch.Tensor], log_class_prior: np.ndarray, rotations: torch.Tensor,
                 translations: torch.Tensor, offset_sigma_px: float,
                 backprojectors: list[BackProjector] | None = None, rot_chunk: int = 2048,
-                significant: float = 1e-3) -> BatchPosterior:
+                significant: float = 1e-3, residual: bool = False) -> BatchPosterior:
     """E-step (and M-step accumulation when ``backprojectors`` are given) for one batch.
 
     x: (B, P) image pixels; ctf: (B, P); sigma2: (P,) noise power per pixel;
     refs: K tensors (R, P) of reference projections; rotations: (R, 3, 3);
     translations: (T, 2) pixels (images are shifted by +t).
+    With ``residual`` the back-projectors receive the residuals Σ p·CTF·(x − CTF·ref) instead of
+    Σ p·CTF·x (RELION's SGD gradient), with the same weights Σ p·CTF².
     """
     b = x.shape[0]
     k_cls = len(refs)
@@ -92,6 +94,8 @@ def expectation(x: torch.Tensor, ctf: torch.Tensor, px: FourierPixels, sigma2: t
             pr = pk[:, :, keep].reshape(b * n_t, -1).T  # (R', BT)
             data = torch.complex(pr @ cxs.real, pr @ cxs.imag)  # (R', P)
             wsum = pk[:, :, keep].sum(1).T @ c2  # (R', P)
+            if residual:
+                data = data - wsum * refs[k][keep]
             backprojectors[k].insert_pixels(data, wsum, rotations[keep], px.kx, px.ky)
     return BatchPosterior(best_k.cpu().numpy(), best_r.cpu().numpy(), best_t.cpu().numpy(), pmax.cpu().numpy(),
                           n_sig.cpu().numpy(), log_evidence, post.sum((2, 3)).cpu().numpy(), res_power.cpu().numpy(),

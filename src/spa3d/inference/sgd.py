@@ -6,14 +6,29 @@ mini-batch, runs the E-step against the current references at the current
 resolution (both grow on RELION's schedule: ``ini`` iterations at the initial
 values, ``inbetween`` iterations moving linearly to the final ones, ``fin``
 iterations at the final values), reconstructs each class from the mini-batch
-(regularised by T·τ², τ² from the reference's power), and moves the reference:
-Δ ← μ·Δ + η·(V_batch − V); V ← V + Δ (η = 0.5, μ = 0.9). With
-``flatten_solvent`` the map is masked by the particle sphere and negative
-values are set to zero.
+(regularised by T·τ², τ² from the reference's power), and moves the reference
+as RELION 3.1 does (ml_optimiser.cpp, maximization): the gradient G is the
+regularised reconstruction of the residuals (image − CTF·projection) at the
+posterior poses, Δ ← μ·Δ + (1 − μ)·η·G; V ← V + Δ (η = 0.5, μ = 0.9), so the
+steady-state step is η·G. The noise spectrum σ² and the class fractions are
+running averages with the same μ. With ``flatten_solvent`` the map is masked
+by the particle sphere and negative values are set to zero.
+
+The E-step and the reconstruction reach ``incr_size`` Fourier shells beyond
+the scheduled resolution (RELION's --incr_size, 10 by default).
+
+``final_em`` (spa3d's default, not RELION's): the last iteration is one
+expectation-maximisation step over all particles instead of a mini-batch
+step, i.e. the reference becomes the regularised reconstruction of every
+particle at its posterior poses against the SGD reference. A mini-batch
+SGD map averages only a few mini-batches (about 1/η of them); the full pass
+uses every particle once, which on the 1TII benchmark gives a finer map for
+the cost of about four mini-batches (benchmarks/initial_model_vs_relion.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,7 +100,10 @@ class SgdOptions:
     tau2_fudge: float = 4.0
     symmetry_ops: np.ndarray | None = None  # (G, 3, 3) point group imposed on every mini-batch reconstruction
     device: torch.device | None = None  # where the E-step and back-projection run (default CPU)
-    incr_size: float = 0.0  # Fourier shells searched and reconstructed beyond the scheduled resolution
+    incr_size: float = 10.0  # Fourier shells searched and reconstructed beyond the scheduled resolution
+    final_em: int = 1  # the last ``final_em`` iterations: EM steps over all particles (see module docstring)
+    final_translations: np.ndarray | None = None  # (T', 2) pixels searched in those EM steps (default: translations)
+    estep_batch: int = 500  # particles per E-step call in the full pass (bounds memory: B·T·R floats)
 
 
 def image_pixels(ps: ParticleSet, idx: np.ndarray, px: FourierPixels, mask2d: torch.Tensor, o: SgdOptions):
@@ -138,28 +156,36 @@ def _flatten(v: np.ndarray, o: SgdOptions, apix: float) -> np.ndarray:
 
 
 def _estep_minibatch(ps: ParticleSet, idx: np.ndarray, maps: np.ndarray, sigma2: np.ndarray,
-                     class_fractions: np.ndarray, o: SgdOptions, r_cur: float):
-    """E-step of mini-batch particles ``idx`` against ``maps``: (posterior, back-projectors)."""
+                     class_fractions: np.ndarray, o: SgdOptions, r_cur: float, residual: bool = False):
+    """E-step of particles ``idx`` against ``maps``: (posterior, back-projectors).
+
+    With ``residual`` the back-projectors hold the residuals (image − CTF·projection), whose
+    reconstruction is the SGD gradient.
+    The particles go through in chunks of ``o.estep_batch`` (the posterior of a chunk holds
+    chunk × translations × rotations floats); their weighted sums add up in the same back-projectors."""
     n, apix = ps.box, ps.pixel_size
     dev = o.device
     px = FourierPixels.make(n, r_cur, device=dev)
     mask2d = torch.as_tensor(soft_sphere(n, o.particle_diameter / (2 * apix), 5.0, ndim=2))
-    x, c = image_pixels(ps, idx, px, mask2d, o)
     sigma2_pix = torch.as_tensor(sigma2, dtype=torch.float32, device=dev)[px.shell].clamp_min(1e-12)
     rots = torch.as_tensor(o.rotations, dtype=torch.float32, device=dev)
+    trans = torch.as_tensor(o.translations, dtype=torch.float32, device=dev)
     refs = [Projector(maps[k], r_max=r_cur + 1, device=dev).project_pixels(rots, px.kx, px.ky)
             for k in range(o.n_classes)]
     bps = [BackProjector(n, r_max=r_cur, device=dev) for _ in range(o.n_classes)]
-    post = expectation(x, c, px, sigma2_pix, refs, np.log(np.clip(class_fractions, 1e-6, None)), rots,
-                       torch.as_tensor(o.translations, dtype=torch.float32, device=dev), o.offset_sigma_px, bps)
-    return post, bps
+    posts = []
+    for chunk in np.array_split(idx, max(1, -(-len(idx) // o.estep_batch))):
+        x, c = image_pixels(ps, chunk, px, mask2d, o)
+        posts.append(expectation(x, c, px, sigma2_pix, refs, np.log(np.clip(class_fractions, 1e-6, None)), rots,
+                                 trans, o.offset_sigma_px, bps, residual=residual))
+    return (_join_posteriors(posts) if len(posts) > 1 else posts[0]), bps
 
 
 def _estep_minibatch_worker(args):
     """Dask worker side of :func:`_estep_minibatch`: returns (posterior, accumulators)."""
-    star, project_dir, idx, maps, sigma2, fractions, o, r_cur, threads = args
+    star, project_dir, idx, maps, sigma2, fractions, o, r_cur, residual, threads = args
     torch.set_num_threads(int(threads))
-    post, bps = _estep_minibatch(ParticleSet(star, project_dir), idx, maps, sigma2, fractions, o, r_cur)
+    post, bps = _estep_minibatch(ParticleSet(star, project_dir), idx, maps, sigma2, fractions, o, r_cur, residual)
     return post, [bp.acc for bp in bps]
 
 
@@ -190,16 +216,20 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
     res_eff = n * apix / r_cur
     idx = np.sort(rng.choice(len(ps), size=min(subset, len(ps)), replace=False))
     dev = o.device
+    full_pass = it > schedule.total - o.final_em
+    if full_pass:
+        idx = np.arange(len(ps))
+        if o.final_translations is not None:
+            o = dataclasses.replace(o, translations=o.final_translations)
     if cluster is None:
-        post, bps = _estep_minibatch(ps, idx, state.maps, state.sigma2, state.class_fractions, o, r_cur)
+        post, bps = _estep_minibatch(ps, idx, state.maps, state.sigma2, state.class_fractions, o, r_cur,
+                                     not full_pass)
     else:
-        import dataclasses
-
         o_cpu = dataclasses.replace(o, device=torch.device("cpu"))
         chunks = [c for c in np.array_split(idx, cluster.n_chunks) if len(c)]
         out = cluster.map(_estep_minibatch_worker, [
             (str(ps.star_path), str(ps.project_dir), c, state.maps, state.sigma2, state.class_fractions, o_cpu,
-             r_cur, cluster.threads) for c in chunks])
+             r_cur, not full_pass, cluster.threads) for c in chunks])
         post = _join_posteriors([p for p, _ in out])
         bps = [BackProjector(n, r_max=r_cur, device=dev) for _ in range(o.n_classes)]
         for k, bp in enumerate(bps):
@@ -208,16 +238,26 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
     m = len(post.pixel_count)
     est = post.residual_power / np.maximum(post.pixel_count, 1)
     upd = post.pixel_count > 0
-    state.sigma2[:m][upd] = 0.5 * state.sigma2[:m][upd] + 0.5 * est[upd]
+    mu = 0.0 if full_pass else o.momentum
+    state.sigma2[:m][upd] = mu * state.sigma2[:m][upd] + (1 - mu) * est[upd]
     frac = post.class_posterior.mean(0)
-    state.class_fractions = 0.5 * state.class_fractions + 0.5 * frac
+    state.class_fractions = mu * state.class_fractions + (1 - mu) * frac
     for k in range(o.n_classes):
         power = power_spectrum(state.maps[k])
         tau2 = (o.tau2_fudge * power / np.maximum(state.sigma2, 1e-12))
-        v_batch = bps[k].reconstruct(symmetry_ops=o.symmetry_ops, tau2=tau2).cpu().numpy()
-        v_batch = lowpass(v_batch, apix, res_eff)
-        grad = v_batch - state.maps[k]
-        state.momentum[k] = o.momentum * state.momentum[k] + o.step_size * grad
+        if full_pass:  # EM: the reference becomes the reconstruction of all particles
+            v_new = bps[k].reconstruct(symmetry_ops=o.symmetry_ops, tau2=tau2).cpu().numpy()
+            v_new = _flatten(lowpass(v_new, apix, res_eff), o, apix)
+            state.momentum[k] = v_new - state.maps[k]
+            state.maps[k] = v_new
+            continue
+        # RELION's gradient: the regularised reconstruction of the residuals. Its fixed point is the
+        # unregularised solution, so the map does not shrink towards the Wiener estimate of one mini-batch;
+        # shells the map has no power in yet are reconstructed without a prior, as RELION does.
+        grad = bps[k].reconstruct(symmetry_ops=o.symmetry_ops, tau2=tau2, unregularised_where_tau2_zero=True)
+        grad = lowpass(grad.cpu().numpy(), apix, res_eff)
+        state.momentum[k] = o.momentum * state.momentum[k] + (1 - o.momentum) * o.step_size * grad
         state.maps[k] = _flatten(lowpass(state.maps[k] + state.momentum[k], apix, res_eff), o, apix)
     state.iteration = it
-    return {"iteration": it, "resolution": res, "subset": len(idx), "indices": idx, "posterior": post}
+    return {"iteration": it, "resolution": res, "subset": len(idx), "indices": idx, "posterior": post,
+            "translations": o.translations}

@@ -46,7 +46,10 @@ class InitialModelOptions:
     offset_step: float = 2.0
     schedule: SgdSchedule = None
     write_iter: int = 10
-    incr_size: float = 0.0  # shells beyond the scheduled resolution (RELION: 10)
+    incr_size: float = 10.0  # Fourier shells beyond the scheduled resolution (RELION's default)
+    step_size: float = 0.5  # SGD step size η (RELION's default)
+    momentum: float = 0.9  # SGD momentum μ (RELION's default)
+    final_em: int = 1  # the last iterations done as EM steps over all particles (spa3d's default 1; RELION 0)
     seed: int = 0
     device: str | None = None
     threads: int | None = None
@@ -146,7 +149,8 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
                       ctf=o.ctf, ctf_intact_first_peak=o.ctf_intact_first_peak, ctf_phase_flipped=o.ctf_phase_flipped,
                       rotations=euler_to_matrix(*grid.T), translations=translation_grid(o.offset_range, o.offset_step),
                       offset_sigma_px=max(o.offset_range / 2, 1.0), symmetry_ops=symmetry_matrices(o.symmetry),
-                      device=device, incr_size=o.incr_size)
+                      device=device, incr_size=o.incr_size, step_size=o.step_size, momentum=o.momentum,
+                      final_em=o.final_em, final_translations=translation_grid(o.offset_range, o.offset_step / 2))
     if not continue_from:
         rng = np.random.default_rng(o.seed)
         state = initial_state(ps, opts, sched, rng)
@@ -163,7 +167,7 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
         res = out["resolution"]
         mats = opts.rotations[post.best_rotation]
         r, t, p = matrix_to_euler(mats)
-        tr = opts.translations[post.best_translation] * apix
+        tr = out["translations"][post.best_translation] * apix
         for j, i in enumerate(out["indices"]):
             poses[int(i)] = (r[j], t[j], p[j], tr[j, 0], tr[j, 1], post.best_class[j] + 1, post.max_posterior[j])
         done = state.iteration - first_it
