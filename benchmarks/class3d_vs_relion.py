@@ -114,7 +114,7 @@ def main() -> None:
           f"offsets 5/1 px, 2 CPU cores")
     print(f"{'program':<16} {'wall (s)':>9} {'ARI':>6} {'FSC0.5 (Å)':>11} {'FSC0.143 (Å)':>13}  class sizes")
     for prog, t, ari, r5, r1, sizes in rows:
-        print(f"{prog:<16} {t:9.1f} {ari:6.3f} {r5:11.2f} {r1:13.2f}  {list(sizes)}")
+        print(f"{prog:<16} {t:9.1f} {ari:6.3f} {r5:11.2f} {r1:13.2f}  {[int(x) for x in sizes]}")
     if len(rows) == 2:
         print(f"time ratio spa3d/RELION: {rows[0][1] / rows[1][1]:.3f}")
     print(f"\nworking directory: {work}")
