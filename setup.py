@@ -11,7 +11,8 @@ setup(
         Extension(
             "spa3d.kernels._trilinear",
             sources=["src/spa3d/kernels/trilinear.c"],
-            extra_compile_args=["-O3", "-ffp-contract=off"],
+            extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
             optional=True,
         )
     ]

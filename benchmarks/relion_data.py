@@ -30,11 +30,13 @@ def timed(cmd: list[str], cwd: Path) -> float:
     return time.perf_counter() - t
 
 
-def relion_particles(work: Path, n: int, snr: float, seed: int) -> tuple[np.ndarray, float]:
+def relion_particles(work: Path, n: int, snr: float, seed: int, box: int = 64,
+                     pixel_size: float = 2.0) -> tuple[np.ndarray, float]:
     """Write truth_class001.mrc, particles.star, clean.* and noisy.* into ``work``; return (truth map, pixel size)."""
     if shutil.which("relion_project") is None:
         raise SystemExit("relion_project not found: apt-get install -y relion")
-    simulate([default_structure()], work / "poses", SimulationOptions(n_particles=n, snr=1.0, seed=seed))
+    simulate([default_structure()], work / "poses", SimulationOptions(n_particles=n, snr=1.0, seed=seed, box=box,
+                                                                     pixel_size=pixel_size))
     for f in ("particles.star", "truth_class001.mrc"):
         shutil.copy(work / "poses" / f, work / f)
     project = ["relion_project", "--i", "truth_class001.mrc", "--ang", "particles.star", "--ctf"]

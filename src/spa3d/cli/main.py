@@ -101,7 +101,36 @@ def _cmd_initial_model(a) -> None:
     from spa3d.jobs.progress import setup_logging
 
     setup_logging(quiet=a.quiet)
-    run_initial_model(a.i, a.o, o, continue_from=a.continue_from)
+    logging.getLogger("spa3d").info(" ".join(a.command_line))
+    run_initial_model(a.i, a.o, o, continue_from=a.continue_from, given=_given_options(a, INITIAL_MODEL_OPTIONS))
+
+
+#: command-line option (argparse dest) -> field of the job's options, for the options a user gives again
+#: with --continue (see spa3d.jobs.resume); angular_sampling and healpix_order both set healpix_order
+CLASS3D_OPTIONS = {"K": "n_classes", "iter": "n_iter", "tau2_fudge": "tau2_fudge", "angular_sampling": "healpix_order",
+                   "healpix_order": "healpix_order", "offset_range": "offset_range", "offset_step": "offset_step",
+                   "ini_high": "ini_high", "particle_diameter": "particle_diameter", "zero_mask": "zero_mask",
+                   "flatten_solvent": "flatten_solvent", "ctf": "ctf", "ctf_intact_first_peak": "ctf_intact_first_peak",
+                   "ctf_phase_flipped": "ctf_phase_flipped", "firstiter_cc": "firstiter_cc", "sym": "symmetry",
+                   "strict_highres_exp": "strict_highres_exp", "skip_align": "skip_align", "sigma_ang": "sigma_ang",
+                   "fast_subsets": "fast_subsets", "batch_size": "batch_size", "seed": "seed", "device": "device",
+                   "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler"}
+INITIAL_MODEL_OPTIONS = {"K": "n_classes", "sym": "symmetry", "particle_diameter": "particle_diameter",
+                         "flatten_solvent": "flatten_solvent", "ctf": "ctf", "ctf_intact_first_peak": "ctf_intact_first_peak",
+                         "ctf_phase_flipped": "ctf_phase_flipped", "angular_sampling": "healpix_order",
+                         "healpix_order": "healpix_order", "offset_range": "offset_range", "offset_step": "offset_step",
+                         "sgd_ini_iter": "schedule.ini_iter", "sgd_inbetween_iter": "schedule.inbetween_iter",
+                         "sgd_fin_iter": "schedule.fin_iter", "sgd_ini_resol": "schedule.ini_resol",
+                         "sgd_fin_resol": "schedule.fin_resol", "sgd_ini_subset": "schedule.ini_subset",
+                         "sgd_fin_subset": "schedule.fin_subset", "sgd_write_iter": "write_iter",
+                         "incr_size": "incr_size", "sgd_stepsize": "step_size", "mu": "momentum", "final_em": "final_em",
+                         "seed": "seed", "device": "device", "threads": "threads", "workers": "workers",
+                         "dask_scheduler": "dask_scheduler"}
+
+
+def _given_options(a, mapping: dict) -> set[str]:
+    """The job options the user gave on the command line (not left at their defaults)."""
+    return {mapping[d] for d in getattr(a, "given_dests", set()) if d in mapping}
 
 
 def _cmd_class3d(a) -> None:
@@ -120,7 +149,7 @@ def _cmd_class3d(a) -> None:
                        device=a.device, threads=a.threads, workers=a.workers, dask_scheduler=a.dask_scheduler)
     setup_logging(quiet=a.quiet)
     logging.getLogger("spa3d").info(" ".join(a.command_line))
-    run_class3d(a.i, a.ref, a.o, o, continue_from=a.continue_from)
+    run_class3d(a.i, a.ref, a.o, o, continue_from=a.continue_from, given=_given_options(a, CLASS3D_OPTIONS))
 
 
 def _cmd_select(a) -> None:
@@ -244,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the last N iterations are EM steps over all particles, offsets searched at half the "
                         "step (default 1; 0 is RELION's behaviour)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--continue", dest="continue_from", default=None, help="run_itNNN_optimiser.star to continue from")
+    p.add_argument("--continue", dest="continue_from", default=None,
+                   help="run_itNNN_optimiser.star, or a job directory (its last complete iteration), to continue "
+                        "from: the run's options are restored; options given again replace them")
     p.add_argument("--quiet", action="store_true", help="no progress on the terminal (the job's run.log still has it)")
     _add_device(p)
     _add_dask(p)
@@ -285,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random subsets in the first 15 iterations: K*1500, K*4500 particles, then 30%%")
     p.add_argument("--batch-size", type=int, default=None, help="particles per batch (default: from free memory)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--continue", dest="continue_from", default=None, help="run_itNNN_optimiser.star to continue from")
+    p.add_argument("--continue", dest="continue_from", default=None,
+                   help="run_itNNN_optimiser.star, or a job directory (its last complete iteration), to continue "
+                        "from: the run's options are restored; options given again replace them")
     p.add_argument("--quiet", action="store_true", help="no progress on the terminal (the job's run.log still has it)")
     _add_device(p)
     _add_dask(p)
@@ -394,20 +427,36 @@ PROJECT_JOBS = {"simulate": "Import", "initial-model": "InitialModel", "class3d"
 REPORTED_JOBS = ("simulate", "initial-model", "class3d", "select", "extract")
 
 
+def _continued_job_dir(args) -> str | None:
+    """The job directory a ``--continue`` resumes in: the directory given, or the optimiser.star's."""
+    cont = getattr(args, "continue_from", None)
+    if not cont:
+        return None
+    from pathlib import Path
+
+    p = Path(cont)
+    project = getattr(args, "project", None)
+    where = Path(project) / p if project and not p.is_absolute() else p  # --project: relative to the project
+    return str(p if where.is_dir() else p.parent)
+
+
 def _run_job(args) -> None:
     if args.job in PROJECT_JOBS and getattr(args, "project", None):
         from spa3d.jobs.pipeline import job_nodes, project_job
 
         if args.o is not None:
             raise InputError(None, "give either --o or --project, not both")
-        with project_job(args.project, PROJECT_JOBS[args.job], args.command_line) as record:
+        with project_job(args.project, PROJECT_JOBS[args.job], args.command_line,
+                         continue_job=_continued_job_dir(args)) as record:
             args.o = str(record.job_dir)
             args.func(args)
             record.inputs, record.outputs = job_nodes(args.job, args, record.job_dir)
             _report(args)
         return
     if args.job in PROJECT_JOBS and args.o is None:
-        raise InputError(None, "give --o JOBDIR or --project DIR")
+        args.o = _continued_job_dir(args)
+        if args.o is None:
+            raise InputError(None, "give --o JOBDIR or --project DIR")
     args.func(args)
     _report(args)
 
@@ -431,11 +480,24 @@ def _cmd_report(a) -> None:
     make_report(a.job_dir, a.truth)
 
 
+def _explicit_dests(argv: list[str]) -> set[str]:
+    """Names (argparse dests) of the options that ``argv`` gives, as opposed to those left at their defaults."""
+    parser = build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            action.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv))) - {"job", "func"}
+    except SystemExit:
+        return set()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     args = parser.parse_args(argv)
     args.command_line = ["spa3d", *argv]
+    args.given_dests = _explicit_dests(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -444,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"spa3d {args.job}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, read-only or vanished directory...: say which file, no traceback
+        where = exc.filename or getattr(args, "o", None) or "output"
+        print(f"spa3d {args.job}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"spa3d {args.job}: interrupted", file=sys.stderr)
         return 130

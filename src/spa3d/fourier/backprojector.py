@@ -3,11 +3,15 @@
 Each image's half-plane FT is inserted (trilinear weights) at
 ``pad·A.T @ (kx, ky, 0)`` into a data accumulator, its weight (CTF² or 1)
 into a weight accumulator, on the padded grid cropped to the sphere of the
-largest frequency. The map is reconstructed by gridding with
-iterative density compensation (as RELION does, after Pipe & Menon 1999),
-optionally regularised by a τ² spectrum (``weight + 1/τ²``), inverse
-transformed on the padded grid, windowed to the box and divided by the
-transform of the trilinear kernel (gridding correction).
+largest frequency. As in RELION, only the half of Fourier space with
+kx ≥ 0 is stored (a real map's transform is Hermitian): a frequency with
+kx < 0 is inserted as its Friedel mate (−k, complex conjugate), which halves
+the memory of the accumulators and of the reconstruction. The map is
+reconstructed by gridding with iterative density compensation (as RELION
+does, after Pipe & Menon 1999), optionally regularised by a τ² spectrum
+(``weight + 1/τ²``), inverse transformed on the padded grid (a real inverse
+FFT of the half grid), windowed to the box and divided by the transform of
+the trilinear kernel (gridding correction).
 """
 
 from __future__ import annotations
@@ -17,17 +21,20 @@ import torch
 import torch.nn.functional as F
 
 from spa3d.fourier.filters import soft_sphere
-from spa3d.fourier.grid import half_plane_freqs, ifftn_centered
-from spa3d.kernels import trilinear_scatter
-from spa3d.fourier.projector import cube_halfwidth, gridding_correct, recentre
+from spa3d.fourier.grid import half_plane_freqs
+from spa3d.fourier.projector import cube_halfwidth, gridding_correct, half_to_rfft_layout
+from spa3d.kernels import density_iterations, smooth_half, trilinear_scatter
 
 
 class BackProjector:
-    """3D Fourier accumulators for a box of ``n`` pixels (padding ``pad``).
+    """Half-grid 3D Fourier accumulators for a box of ``n`` pixels (padding ``pad``).
 
-    ``data`` (D, D, D, 2: real, imag) and ``weight`` (D, D, D), D = 2h+1,
-    float32, centre at index h. Accumulators of several back-projectors (e.g.
-    from several workers) can be added with :meth:`add`.
+    ``acc`` (D, D, h+1, 3: data real, data imag, weight), float32, D = 2h+1:
+    index ``[z + h, y + h, x]`` holds padded frequency (x, y, z) with x ≥ 0
+    (cycles per padded box). Accumulators of several back-projectors of the
+    same ``n, pad, r_max`` (e.g. from several workers) add up (:meth:`add`).
+    Once :meth:`shell_weights` or :meth:`reconstruct` has run, the x = 0
+    plane has been made Hermitian in place and no more images can be inserted.
     """
 
     def __init__(self, n: int, pad: int = 2, r_max: float | None = None, device=None):
@@ -36,20 +43,42 @@ class BackProjector:
         self.h = cube_halfwidth(n, pad, self.r_max)
         d = 2 * self.h + 1
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        # channels: data real, data imag, weight
-        self.acc = torch.zeros((d, d, d, 3), dtype=torch.float32, device=self.device)
+        self._acc = torch.zeros((d, d, self.h + 1, 3), dtype=torch.float32, device=self.device)
+        self._final = False  # x = 0 plane made Hermitian (see _finalise)
         self._sel = None  # half-plane pixels inside r_max, and their (kx, ky)·pad
         self._kxy = None
 
     @property
+    def acc(self) -> torch.Tensor:
+        """The accumulators (D, D, h+1, 3); assigning new ones (e.g. summed over workers) is allowed."""
+        return self._acc
+
+    @acc.setter
+    def acc(self, value: torch.Tensor) -> None:
+        if tuple(value.shape) != tuple(self._acc.shape):
+            raise ValueError(f"accumulator of shape {tuple(value.shape)}, expected {tuple(self._acc.shape)}")
+        self._acc = value.to(self.device, torch.float32).contiguous()
+        self._final = False
+
+    @property
     def data(self) -> torch.Tensor:
-        """Data accumulator (D, D, D, 2: real, imag)."""
-        return self.acc[..., :2]
+        """Data accumulator (D, D, h+1, 2: real, imag)."""
+        return self._acc[..., :2]
 
     @property
     def weight(self) -> torch.Tensor:
-        """Weight accumulator (D, D, D)."""
-        return self.acc[..., 2]
+        """Weight accumulator (D, D, h+1)."""
+        return self._acc[..., 2]
+
+    def _scatter(self, coords: torch.Tensor, vals: torch.Tensor, w: torch.Tensor) -> None:
+        """Insert values (M, 2: real, imag) and weights (M,) at padded frequencies ``coords`` (M, 3: x, y, z)."""
+        if self._final:
+            raise RuntimeError("BackProjector: insertion after the accumulators were finalised")
+        flip = coords[:, 0] < 0  # store the Friedel mate: -k, complex conjugate
+        sign = 1.0 - 2.0 * flip.to(coords.dtype)
+        c = coords * sign[:, None]
+        c[:, 1:] += self.h
+        trilinear_scatter(self._acc, c, torch.stack([vals[:, 0], vals[:, 1] * sign, w], dim=1))
 
     def insert(self, fts: torch.Tensor, rotations: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Add images' half-plane FTs (B, n, n//2+1) with rotations (B, 3, 3).
@@ -64,14 +93,14 @@ class BackProjector:
             self._sel = inside.nonzero()[:, 0]
             self._kxy = torch.stack([kx.reshape(-1), ky.reshape(-1)], 1)[self._sel] * self.pad  # (P, 2)
         b = rot.shape[0]
-        # pad * A.T @ (kx, ky, 0) for the P frequencies inside r_max: (B, P, 3), then shift to the cube centre
-        coords = (torch.matmul(self._kxy, rot[:, :2, :]) + self.h).reshape(-1, 3)
+        # pad * A.T @ (kx, ky, 0) for the P frequencies inside r_max: (B, P, 3)
+        coords = torch.matmul(self._kxy, rot[:, :2, :]).reshape(-1, 3)
         vals = torch.view_as_real(fts.to(self.device).to(torch.complex64).reshape(b, -1)[:, self._sel]).reshape(-1, 2)
         if weights is None:
             w = torch.ones(vals.shape[0], device=self.device, dtype=torch.float32)
         else:
             w = weights.to(self.device).to(torch.float32).reshape(b, -1)[:, self._sel].reshape(-1)
-        trilinear_scatter(self.acc, coords, torch.cat([vals, w[:, None]], dim=1))
+        self._scatter(coords, vals, w)
 
     def insert_pixels(self, values: torch.Tensor, weights: torch.Tensor, rotations: torch.Tensor,
                       kx: torch.Tensor, ky: torch.Tensor) -> None:
@@ -82,46 +111,71 @@ class BackProjector:
         """
         rot = torch.as_tensor(rotations, device=self.device, dtype=torch.float32)
         k = torch.stack([kx, ky], dim=1).to(self.device, torch.float32) * self.pad
-        coords = (torch.matmul(k, rot[:, :2, :]) + self.h).reshape(-1, 3)
+        coords = torch.matmul(k, rot[:, :2, :]).reshape(-1, 3)
         vals = torch.view_as_real(values.to(self.device).to(torch.complex64)).reshape(-1, 2)
-        w = weights.to(self.device).to(torch.float32).reshape(-1)
-        trilinear_scatter(self.acc, coords, torch.cat([vals, w[:, None]], dim=1))
+        self._scatter(coords, vals, weights.to(self.device).to(torch.float32).reshape(-1))
 
     def add(self, other: "BackProjector") -> None:
         """Add another back-projector's accumulators (same n, pad, r_max)."""
-        self.acc += other.acc.to(self.device)
+        self.acc = self._acc + other.acc.to(self.device)
 
-    def _hermitian_full(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Accumulators with each insertion's Friedel mate (-k, conjugate) added."""
-        acc = self.acc
-        flip = torch.flip(acc, dims=(0, 1, 2))
-        data = acc[..., :2].clone()
-        data[..., 0] += flip[..., 0]
-        data[..., 1] -= flip[..., 1]
-        weight = acc[..., 2] + flip[..., 2]
-        return data, weight
+    def _finalise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data (D, D, h+1, 2) and weight (D, D, h+1) views, the x = 0 plane made Hermitian (once, in place).
 
-    def _symmetrise(self, data: torch.Tensor, weight: torch.Tensor, ops: np.ndarray):
-        """Sum of the accumulators rotated by every operator of a point group."""
+        On the plane x = 0 both k and −k are stored; each gets the other's
+        conjugate added, as the full grid would after adding every
+        insertion's Friedel mate.
+        """
+        if not self._final:
+            p0 = self._acc[:, :, 0].clone()
+            mirror = torch.flip(p0, dims=(0, 1))
+            mirror[..., 1] *= -1
+            self._acc[:, :, 0] += mirror
+            self._final = True
+        return self._acc[..., :2], self._acc[..., 2]
+
+    def _centred_coords(self, z: torch.Tensor) -> torch.Tensor:
+        """(x, y, z) padded frequencies (len(z)·D·(h+1), 3) of the half-grid voxels in z-planes ``z``."""
+        c = torch.arange(2 * self.h + 1, device=self.device, dtype=torch.float32) - self.h
+        cx = torch.arange(self.h + 1, device=self.device, dtype=torch.float32)
+        zz, yy, xx = torch.meshgrid(z.to(torch.float32), c, cx, indexing="ij")
+        return torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
+
+    def _symmetrise(self, data: torch.Tensor | None, weight: torch.Tensor, ops: np.ndarray, slab: int = 32):
+        """Sum of the accumulators rotated by every operator of a point group (``data`` None: weights only).
+
+        Each voxel k gathers the accumulators at R·k (trilinear); where R·k has
+        x < 0 its Friedel mate is read. Done in slabs of z-planes to bound memory.
+        """
         if ops is None or len(ops) <= 1:
             return data, weight
-        d = data.shape[0]
-        c = torch.arange(d, device=self.device, dtype=data.dtype) - self.h
-        zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
-        pts = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
-        inp = torch.cat([data.permute(3, 0, 1, 2), weight[None]], dim=0)[None]  # (1, 3, D, D, D)
-        total = inp.clone()
-        for r in ops[1:]:
-            rk = pts @ torch.as_tensor(r, device=self.device, dtype=data.dtype).T
-            grid = (rk / self.h).reshape(1, d, d, d, 3)
-            total += F.grid_sample(inp, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        total = total[0]
-        return total[:2].permute(1, 2, 3, 0).contiguous(), total[2]
+        d, hx = weight.shape[0], weight.shape[2]
+        chans = [weight[None]] if data is None else [data.permute(3, 0, 1, 2), weight[None]]
+        inp = torch.cat(chans, dim=0)[None].contiguous()  # (1, C, D, D, h+1)
+        total = inp[0].clone()
+        scale = torch.tensor([2.0 / self.h, 1.0 / self.h, 1.0 / self.h], device=self.device)
+        shift = torch.tensor([-1.0, 0.0, 0.0], device=self.device)
+        zc = torch.arange(d, device=self.device) - self.h
+        for z0 in range(0, d, slab):
+            pts = self._centred_coords(zc[z0:z0 + slab])
+            s = pts.shape[0] // (d * hx)
+            for r in ops[1:]:
+                rk = pts @ torch.as_tensor(r, device=self.device, dtype=torch.float32).T
+                sign = torch.where(rk[:, 0] < 0, -1.0, 1.0)
+                grid = (rk * sign[:, None] * scale + shift).reshape(1, s, d, hx, 3)
+                smp = F.grid_sample(inp, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+                if data is not None:
+                    smp[1] *= sign.reshape(s, d, hx)
+                total[:, z0:z0 + s] += smp
+        if data is None:
+            return None, total[0]
+        return total[:2].permute(1, 2, 3, 0), total[2]
 
     def shell_index(self) -> torch.Tensor:
-        """Shell (cycles per box, rounded) of every accumulator voxel."""
-        c = torch.arange(2 * self.h + 1, device=self.device, dtype=torch.float64) - self.h
-        r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2) / self.pad
+        """Shell (cycles per box, rounded) of every half-grid voxel (D, D, h+1)."""
+        c = torch.arange(2 * self.h + 1, device=self.device, dtype=torch.float32) - self.h
+        cx = torch.arange(self.h + 1, device=self.device, dtype=torch.float32)
+        r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + cx[None, None, :] ** 2) / self.pad
         return torch.round(r).long()
 
     def shell_weights(self, symmetry_ops: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
@@ -131,9 +185,8 @@ class BackProjector:
         voxel of the original grid holds pad³ times the mean padded weight.
         Used for the spectral SNR (weight·τ²) that sets the resolution.
         """
-        _, weight = self._hermitian_full()
-        _, weight = self._symmetrise(torch.zeros(weight.shape + (2,), dtype=weight.dtype, device=self.device), weight,
-                                     symmetry_ops)
+        _, weight = self._finalise()
+        _, weight = self._symmetrise(None, weight, symmetry_ops)
         w = weight.double() * self.pad**3
         shell = self.shell_index()
         nsh = self.n // 2 + 1
@@ -144,18 +197,36 @@ class BackProjector:
         return (s / c.clamp_min(1)).cpu().numpy(), w, shell
 
     @staticmethod
-    def _smooth(x: torch.Tensor, sigma: float = 0.8, radius: int = 2) -> torch.Tensor:
-        """Separable Gaussian smoothing (sigma in padded voxels, zero outside) of a (D, D, D) grid."""
+    def _kernel(sigma: float = 0.8, radius: int = 2) -> np.ndarray:
+        """Taps of the density-compensation kernel: a Gaussian of ``sigma`` padded voxels, summing to 1."""
         t = np.arange(-radius, radius + 1)
         k = np.exp(-0.5 * (t / sigma) ** 2)
-        k = k / k.sum()
+        return k / k.sum()
+
+    @staticmethod
+    def _smooth(x: torch.Tensor, sigma: float = 0.8, radius: int = 2, use_compiled: bool = True) -> torch.Tensor:
+        """Separable Gaussian smoothing (sigma in padded voxels) of a half grid (D, D, h+1) of a symmetric function.
+
+        Beyond the x = 0 plane the values are the mirrored ones, f(−x, −y, −z) = f(x, y, z);
+        zero outside the grid elsewhere. ``x`` is work space: the compiled kernel overwrites it.
+        """
+        k = BackProjector._kernel(sigma, radius)
+        t = np.arange(-radius, radius + 1)
+        fast = smooth_half(x.contiguous(), k) if use_compiled else None
+        if fast is not None:
+            return fast
         for dim in range(3):
+            src = x
+            if dim == 2:  # prepend the mirrored planes x = -radius .. -1
+                src = torch.cat([torch.flip(x[:, :, 1:radius + 1], dims=(0, 1, 2)), x], dim=2)
             y = torch.zeros_like(x)
             n = x.shape[dim]
+            base = radius if dim == 2 else 0
             for off, kk in zip(t, k):
                 # y[i] += kk * x[i + off]
-                lo, hi = max(0, -off), min(n, n - off)
-                y.narrow(dim, lo, hi - lo).add_(x.narrow(dim, lo + off, hi - lo), alpha=float(kk))
+                lo, hi = max(0, -off - base), min(n, src.shape[dim] - off - base)
+                y.narrow(dim, lo, hi - lo).add_(src.narrow(dim, lo + off + base, hi - lo), alpha=float(kk))
+            del src
             x = y
         return x
 
@@ -177,12 +248,13 @@ class BackProjector:
         The map's transform is ``data·d``, which is the data convolved
         with the trilinear kernel: the real-space map is divided by its sinc².
         With ``mask_edge`` the map is zero outside the box's inscribed sphere.
+        Peak memory is a few times the accumulators' (all on the half grid).
         """
-        data, weight = self._hermitian_full()
+        data, weight = self._finalise()
         data, weight = self._symmetrise(data, weight, symmetry_ops)
         c = torch.arange(2 * self.h + 1, device=self.device, dtype=torch.float32) - self.h
-        r2 = c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2
-        inside = r2 < (self.r_max * self.pad) ** 2
+        cx = torch.arange(self.h + 1, device=self.device, dtype=torch.float32)
+        inside = (c[:, None, None] ** 2 + c[None, :, None] ** 2 + cx[None, None, :] ** 2) < (self.r_max * self.pad) ** 2
         w = weight.clone()
         if tau2 is not None:
             shell = self.shell_index()
@@ -191,21 +263,35 @@ class BackProjector:
             tt = torch.as_tensor(np.asarray(tau2, dtype=np.float64), device=self.device)[:nshell]
             t2[: len(tt)] = tt.to(w.dtype)
             t2s = t2[shell]
+            del shell
             # 1/tau2 per padded voxel: tau2 is per original voxel, pad**3 padded voxels share it
             zero_term = torch.zeros_like(weight) if unregularised_where_tau2_zero else 1e3 * weight
             w = w + torch.where(t2s > 0, 1.0 / (self.pad**3 * t2s.clamp_min(1e-30)), zero_term)
+            del t2s, zero_term
         w = torch.where(inside, w, torch.zeros_like(w))
-        d = inside.to(w.dtype)
-        for _ in range(n_iter_gridding):
-            conv = self._smooth(d * w)
-            floor = 1e-6 * float(conv.max()) if float(conv.max()) > 0 else 1.0
-            # voxels without data keep d = 0, and voxels whose neighbourhood holds almost no weight keep
-            # their d (dividing by the floor every iteration would grow d without bound there)
-            upd = torch.where(conv > floor, d / conv.clamp_min(floor), d)
-            d = torch.where(inside & (w > 0), upd, torch.zeros_like(d))
-        ft = torch.complex(data[..., 0], data[..., 1]).to(torch.complex128) * d
-        vol = ifftn_centered(recentre(ft, self.pad * self.n))
-        vol = recentre(vol, self.n)
+        live = inside & (w > 0)
+        del inside
+        d = live.to(w.dtype)
+        if not density_iterations(d, w.contiguous(), live, self._kernel(), n_iter_gridding):
+            for _ in range(n_iter_gridding):
+                conv = self._smooth(d * w)
+                cmax = float(conv.max())
+                floor = 1e-6 * cmax if cmax > 0 else 1.0
+                # voxels without data keep d = 0, and voxels whose neighbourhood holds almost no weight keep
+                # their d (dividing by the floor every iteration would grow d without bound there)
+                small = conv <= floor
+                d.div_(conv.masked_fill_(small, 1.0))
+                del conv, small
+                d.mul_(live)
+        del w, live
+        ft = torch.complex(data[..., 0].contiguous(), data[..., 1].contiguous()) * d
+        del d, data, weight
+        npad = self.pad * self.n
+        vol = torch.fft.irfftn(half_to_rfft_layout(ft, npad), s=(npad,) * 3)
+        del ft
+        # real space: centre at index 0 (FFT order); keep the n voxels around it, centre at n//2
+        keep = torch.arange(-(self.n // 2), self.n - self.n // 2, device=self.device) % npad
+        vol = vol[keep][:, keep][:, :, keep]
         vol = gridding_correct(vol, self.pad)
         if mask_edge:
             # as RELION: zero beyond the box's inscribed sphere (soft edge of 3 pixels inside it)

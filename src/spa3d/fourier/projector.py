@@ -1,11 +1,12 @@
 """Central-slice projection of a 3D map in Fourier space.
 
 The map is gridding-corrected (divided by the radial sinc² of the trilinear
-interpolator), zero-padded by ``pad`` (2, as RELION), Fourier transformed and
-cropped to the sphere of the largest frequency used. A projection with
-rotation A (RELION Euler matrix) is the half-plane (kx, ky) slice read at
-``A.T @ (kx, ky, 0)`` by trilinear interpolation; frequencies beyond
-``r_max`` (cycles per box) are zero.
+interpolator), zero-padded by ``pad`` (2, as RELION), Fourier transformed
+(real FFT: only kx ≥ 0 is kept, as RELION does) and cropped to the sphere of
+the largest frequency used. A projection with rotation A (RELION Euler
+matrix) is the half-plane (kx, ky) slice read at ``A.T @ (kx, ky, 0)`` by
+trilinear interpolation, from the Friedel mate (−k, conjugate) where that
+frequency has kx < 0; frequencies beyond ``r_max`` (cycles per box) are zero.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spa3d.fourier.grid import fftn_centered, half_plane_freqs
+from spa3d.fourier.grid import half_plane_freqs
 
 
 def cube_halfwidth(n: int, pad: int, r_max: float) -> int:
@@ -27,15 +28,33 @@ def cube_halfwidth(n: int, pad: int, r_max: float) -> int:
     return int(math.ceil(r_max * pad) + 2)
 
 
-def recentre(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop or zero-pad a centred cube (centre at len//2) to ``size`` per axis (centre at size//2)."""
-    n = x.shape[0]
-    out = torch.zeros((size,) * 3 + tuple(x.shape[3:]), dtype=x.dtype, device=x.device)
-    lo = min(n // 2, size // 2)  # voxels kept below the centre
-    hi = min(n - n // 2, size - size // 2)  # at and above the centre
-    a, b = n // 2 - lo, n // 2 + hi
-    c, d = size // 2 - lo, size // 2 + hi
-    out[c:d, c:d, c:d] = x[a:b, a:b, a:b]
+def half_to_rfft_layout(half: torch.Tensor, npad: int) -> torch.Tensor:
+    """A centred half grid (D, D, h+1; index [z + h, y + h, x]) as an rfftn array (npad, npad, npad//2+1).
+
+    z and y go to FFT order; frequencies beyond the padded box (|k| > npad/2, and +npad/2) are dropped.
+    """
+    h = (half.shape[0] - 1) // 2
+    out = torch.zeros((npad, npad, npad // 2 + 1), dtype=half.dtype, device=half.device)
+    lo, hi = min(h, npad // 2), min(h, npad // 2 - 1)  # kept: -lo .. hi
+    nx = min(half.shape[2], npad // 2 + 1)
+    for zs, zd in ((slice(h, h + hi + 1), slice(0, hi + 1)), (slice(h - lo, h), slice(npad - lo, npad))):
+        for ys, yd in ((slice(h, h + hi + 1), slice(0, hi + 1)), (slice(h - lo, h), slice(npad - lo, npad))):
+            out[zd, yd, :nx] = half[zs, ys, :nx]
+    return out
+
+
+def rfft_to_half_layout(ft: torch.Tensor, h: int) -> torch.Tensor:
+    """The inverse of :func:`half_to_rfft_layout`: an rfftn array (N, N, N//2+1) as a centred half grid (2h+1, 2h+1, h+1).
+
+    Frequencies the transform does not hold (|k| > N/2, +N/2 on every axis) are zero.
+    """
+    npad = ft.shape[0]
+    out = torch.zeros((2 * h + 1, 2 * h + 1, h + 1), dtype=ft.dtype, device=ft.device)
+    lo, hi = min(h, npad // 2), min(h, npad // 2 - 1)
+    nx = min(h + 1, npad // 2)
+    for zd, zs in ((slice(h, h + hi + 1), slice(0, hi + 1)), (slice(h - lo, h), slice(npad - lo, npad))):
+        for yd, ys in ((slice(h, h + hi + 1), slice(0, hi + 1)), (slice(h - lo, h), slice(npad - lo, npad))):
+            out[zd, yd, :nx] = ft[zs, ys, :nx]
     return out
 
 
@@ -69,38 +88,48 @@ class Projector:
 
     def __init__(self, volume, pad: int = 2, r_max: float | None = None, device=None, dtype=torch.float32):
         vol = torch.as_tensor(np.asarray(volume) if not torch.is_tensor(volume) else volume, device=device)
-        vol = vol.to(torch.float64)
         n = vol.shape[-1]
         self.n, self.pad = n, pad
         self.r_max = float(n // 2 if r_max is None else min(r_max, n // 2))
         self.device = vol.device
         self.dtype = dtype
         npad = pad * n
-        padded = torch.zeros((npad,) * 3, dtype=torch.float64, device=vol.device)
-        lo = npad // 2 - n // 2
-        padded[lo : lo + n, lo : lo + n, lo : lo + n] = gridding_correct(vol, pad)
-        ft = fftn_centered(padded)
+        # the padded map in FFT order (centre at index 0), then its real FFT
+        padded = torch.zeros((npad,) * 3, dtype=torch.float32, device=vol.device)
+        corrected = gridding_correct(vol.to(torch.float64), pad).to(torch.float32)
+        dst = (torch.arange(n, device=vol.device) - n // 2) % npad
+        padded[dst[:, None, None], dst[None, :, None], dst[None, None, :]] = corrected
+        del corrected
+        ft = torch.fft.rfftn(padded)
+        del padded
         h = cube_halfwidth(n, pad, self.r_max)
-        ft = recentre(ft, 2 * h + 1)
+        half = rfft_to_half_layout(ft, h)
+        del ft
         self.h = h
-        # grid_sample input: (1, 2, D, H, W) with channels (real, imag)
-        self._cube = torch.stack([ft.real, ft.imag]).to(dtype)[None].contiguous()
+        # grid_sample input: (1, 2, D, D, h+1) with channels (real, imag); x = 0 .. h along the last axis
+        self._cube = torch.stack([half.real, half.imag]).to(dtype)[None].contiguous()
+
+    def _sample(self, coords: torch.Tensor) -> torch.Tensor:
+        """Trilinear values (complex) at padded frequencies ``coords`` (..., 3: x, y, z), Friedel mates for x < 0."""
+        sign = torch.where(coords[..., 0] < 0, -1.0, 1.0).to(coords.dtype)
+        scale = torch.tensor([2.0 / self.h, 1.0 / self.h, 1.0 / self.h], device=self.device, dtype=coords.dtype)
+        shift = torch.tensor([-1.0, 0.0, 0.0], device=self.device, dtype=coords.dtype)
+        grid = coords * sign[..., None] * scale + shift
+        shape = grid.shape[:-1]
+        grid = grid.reshape(1, 1, 1, -1, 3)
+        vals = F.grid_sample(self._cube, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        return torch.complex(vals[0, 0, 0, 0].reshape(shape), vals[0, 1, 0, 0].reshape(shape) * sign)
 
     def project_pixels(self, rotations: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
         """Projections (R, P) at the half-plane frequencies (kx, ky) (cycles per box) only."""
         rot = torch.as_tensor(rotations, device=self.device, dtype=self.dtype)
         k = torch.stack([kx, ky], dim=1).to(self.device, self.dtype) * self.pad  # (P, 2)
         coords = torch.matmul(k, rot[:, :2, :])  # (R, P, 3) = pad * A.T @ (kx, ky, 0)
-        grid = (coords / self.h)[None, None]  # (1, 1, R, P, 3)
-        vals = F.grid_sample(self._cube, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        return torch.complex(vals[0, 0, 0], vals[0, 1, 0])
+        return self._sample(coords)
 
     def project(self, rotations: torch.Tensor, r_max: float | None = None) -> torch.Tensor:
         """Half-plane FTs (B, n, n//2+1) of the projections for rotations (B, 3, 3)."""
         r_max = self.r_max if r_max is None else min(r_max, self.r_max)
         rot = torch.as_tensor(rotations, device=self.device, dtype=self.dtype)
         coords, mask = slice_coordinates(rot, self.n, self.pad, r_max)
-        grid = (coords / self.h)[None]  # (1, B, n, n//2+1, 3): (x, y, z) -> (W, H, D)
-        vals = F.grid_sample(self._cube, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        out = torch.complex(vals[0, 0], vals[0, 1])
-        return out * mask
+        return self._sample(coords) * mask

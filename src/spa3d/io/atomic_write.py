@@ -31,3 +31,21 @@ def atomic_path(path: str | os.PathLike):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create directory ``path`` if needed and check that files can be written there (before hours of work).
+
+    Raises :class:`spa3d.errors.InputError` naming the directory and the reason.
+    """
+    from spa3d.errors import InputError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".spa3d_probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(path, f"cannot write in this directory ({exc.strerror or exc})") from None
+    return path

@@ -155,6 +155,15 @@ def read_particles_star(path: str | os.PathLike) -> ParticleTable:
             if len(optics) != 1:
                 raise InputError(path, "data_particles lacks rlnOpticsGroup and there are several optics groups")
             particles["rlnOpticsGroup"] = int(optics["rlnOpticsGroup"].iloc[0])
+        try:
+            used = set(pd.to_numeric(particles["rlnOpticsGroup"], errors="raise").astype(int))
+        except (ValueError, TypeError):
+            raise InputError(path, "data_particles has rlnOpticsGroup values that are not numbers") from None
+        unknown = sorted(used - set(optics["rlnOpticsGroup"].astype(int)))
+        if unknown:
+            n_bad = int(particles["rlnOpticsGroup"].astype(int).isin(unknown).sum())
+            raise InputError(path, f"{n_bad} particle(s) in optics group(s) {', '.join(map(str, unknown))} "
+                                   f"that data_optics does not define")
         table = ParticleTable(optics.reset_index(drop=True), particles.reset_index(drop=True), path, blocks)
     else:
         # RELION 3.0: one table (data_ or data_images)

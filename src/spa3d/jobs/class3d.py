@@ -30,6 +30,7 @@ run_itNNN_optimiser.star (and run_itNNN_state.npz, which
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -52,11 +53,13 @@ from spa3d.geometry.sampling import angular_step, oversampled_orientations, over
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels
 from spa3d.inference.search import SearchGrid, search_batch
-from spa3d.io.atomic_write import atomic_path
+from spa3d.io.atomic_write import atomic_path, ensure_writable_dir
 from spa3d.io.mrc import read_map, write_map
 from spa3d.io.particles import ParticleSet
 from spa3d.io.star import read_star, write_star
 from spa3d.jobs.progress import Progress, add_log_file
+from spa3d.jobs.resume import (IterationFiles, append_options_block, read_recorded, remove_stale_staging,
+                               resolve_continue, restore_options, state_file)
 
 log = logging.getLogger("spa3d")
 
@@ -185,10 +188,18 @@ def _write_iteration(job: Path, ps: ParticleSet, maps: np.ndarray, st: Class3dSt
                      class_info: dict) -> None:
     it, apix, n = st.iteration, ps.pixel_size, ps.box
     k_cls = len(maps)
+    with IterationFiles(job, it) as files:
+        _write_iteration_files(files, job, ps, maps, st, o, class_info)
+
+
+def _write_iteration_files(files: IterationFiles, job: Path, ps: ParticleSet, maps: np.ndarray, st: Class3dState,
+                           o: Class3dOptions, class_info: dict) -> None:
+    it, apix, n = st.iteration, ps.pixel_size, ps.box
+    k_cls = len(maps)
     names = []
     for k in range(k_cls):
         name = job / f"run_it{it:03d}_class{k + 1:03d}.mrc"
-        write_map(name, maps[k], apix)
+        write_map(files.path(name), maps[k], apix)
         names.append(str(name))
     nsh = n // 2 + 1
     shells = np.arange(nsh)
@@ -224,7 +235,7 @@ def _write_iteration(job: Path, ps: ParticleSet, maps: np.ndarray, st: Class3dSt
     for g in range(len(st.group_scale)):
         blocks[f"model_group_{g + 1}"] = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res_inv,
                                                        "rlnSigma2Noise": st.sigma2})
-    write_star(job / f"run_it{it:03d}_model.star", blocks)
+    write_star(files.path(job / f"run_it{it:03d}_model.star"), blocks)
 
     table = ps.table.copy()
     p = table.particles
@@ -237,14 +248,16 @@ def _write_iteration(job: Path, ps: ParticleSet, maps: np.ndarray, st: Class3dSt
     p["rlnLogLikeliContribution"] = st.stats.get("log_likelihood", np.zeros(len(p)))
     p["rlnMaxValueProbDistribution"] = st.stats.get("pmax", np.zeros(len(p)))
     p["rlnNrOfSignificantSamples"] = st.stats.get("n_significant", np.zeros(len(p))).astype(int)
-    table.write(job / f"run_it{it:03d}_data.star")
-    _save_state(job / f"run_it{it:03d}_state.npz", st)
-    write_star(job / f"run_it{it:03d}_optimiser.star", {"optimiser_general": {
+    table.write(files.path(job / f"run_it{it:03d}_data.star"))
+    _save_state(files.path(job / f"run_it{it:03d}_state.npz"), st)
+    optimiser = files.path(job / f"run_it{it:03d}_optimiser.star")
+    write_star(optimiser, {"optimiser_general": {
         "rlnOutputRootName": str(job / "run"), "rlnModelStarFile": str(job / f"run_it{it:03d}_model.star"),
         "rlnExperimentalDataStarFile": str(job / f"run_it{it:03d}_data.star"),
         "rlnOrientSamplingStarFile": "None", "rlnCurrentIteration": it, "rlnNumberOfIterations": o.n_iter,
         "rlnRandomSeed": o.seed, "rlnTau2FudgeFactor": o.tau2_fudge, "rlnClass3dStateFile":
         str(job / f"run_it{it:03d}_state.npz"), "rlnClass3dInputStarFile": str(Path(ps.star_path).resolve())}})
+    append_options_block(optimiser, o, {"input_star": str(Path(ps.star_path).resolve())})
 
 
 def _spectral_snr(bp: BackProjector, ops, tau2: np.ndarray):
@@ -461,13 +474,27 @@ def _combine(results: list[EStepResult]) -> EStepResult:
 
 
 def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptions,
-                continue_from: str | None = None) -> tuple[np.ndarray, Class3dState]:
+                continue_from: str | None = None, given: set[str] | None = None) -> tuple[np.ndarray, Class3dState]:
     """Run the classification; returns the final class maps (K, n, n, n) and state.
 
     With ``o.workers`` or ``o.dask_scheduler`` the E-step of every iteration is
     spread over Dask workers (:mod:`spa3d.backend.distributed`); the result is
     the same as in one process, up to the order of floating-point sums.
+
+    ``continue_from``: a run_itNNN_optimiser.star or a job directory (its last
+    complete iteration); the run's recorded options are restored except those
+    named in ``given`` (None: all of ``o``'s), see :mod:`spa3d.jobs.resume`.
     """
+    o = dataclasses.replace(o)  # the run's own copy (it records e.g. the batch size it chose)
+    if continue_from:
+        Path(job_dir).mkdir(parents=True, exist_ok=True)
+        add_log_file(Path(job_dir) / "run.log")  # the changes of options below belong in the job's log
+        continue_from = str(resolve_continue(continue_from))
+        recorded = read_recorded(continue_from)
+        o = restore_options(o, given, recorded, {"n_classes"}, continue_from)
+        first = recorded.get("input_star")
+        if star and first and Path(star).resolve() != Path(first):
+            raise InputError(star, f"--continue: the run's particles are {first}; they cannot change")
     cluster = None
     if o.workers or o.dask_scheduler:
         from spa3d.backend.distributed import DaskCluster
@@ -481,26 +508,29 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
 
 
 def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
-    job = Path(job_dir)
-    job.mkdir(parents=True, exist_ok=True)
+    job = ensure_writable_dir(job_dir)
     add_log_file(job / "run.log")
     device = select_device(o.device, o.threads)
     if o.n_classes < 1:
         raise InputError(None, "--K must be at least 1")
+    remove_stale_staging(job)
     if continue_from:
         opt = read_star(continue_from)
-        gen = opt[next(iter(opt))]
-        state_file = Path(str(gen["rlnClass3dStateFile"].iloc[0]))
-        if not state_file.exists():
-            raise InputError(continue_from, f"state file {state_file} not found")
-        st = _load_state(state_file)
+        gen = opt["optimiser_general"] if "optimiser_general" in opt else opt[next(iter(opt))]
+        sfile = state_file(continue_from)
+        if sfile is None or not sfile.exists():
+            raise InputError(continue_from, f"state file {sfile} not found")
+        st = _load_state(sfile)
         # the particles as first given (their image paths are relative to that STAR's project)
         star = star or str(gen["rlnClass3dInputStarFile"].iloc[0])
-        maps = np.array([read_map(job / f"run_it{st.iteration:03d}_class{k + 1:03d}.mrc")[0]
+        src = Path(continue_from).parent
+        maps = np.array([read_map(src / f"run_it{st.iteration:03d}_class{k + 1:03d}.mrc")[0]
                          for k in range(len(st.class_fractions))])
-        o.n_classes = len(maps)
+        if o.n_classes != len(maps):
+            raise InputError(continue_from, f"--continue cannot change K ({len(maps)} classes in the run)")
         rng = np.random.default_rng()
         rng.bit_generator.state = st.rng_state
+        log.info(f"class3d: continuing from iteration {st.iteration} ({continue_from})")
     if star is None:
         raise InputError(None, "--i particles.star is required")
     ps = ParticleSet(star)
@@ -549,6 +579,8 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
     if cluster is not None and not o.batch_size:
         # several batches per worker, so that the chunks balance (give --batch-size to match an in-process run)
         bs = int(min(bs, max(8, np.ceil(n_part / (4 * cluster.n_chunks)))))
+    # recorded with the run: a resumed run cuts the same batches (and so draws the same random numbers)
+    o.batch_size = bs
     log.info(f"class3d: {n_part} particles, box {n}, {apix:.3f} Å/px, K={k_cls}, T={o.tau2_fudge}, "
              f"{o.n_iter} iterations; search {angular_step(o.healpix_order + 1):.1f}° "
              f"(the first {n_warm} at {angular_step(o.healpix_order):.1f}°), {len(coarse_t)} -> {len(fine_t)} "

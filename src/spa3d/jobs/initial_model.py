@@ -8,6 +8,7 @@ which ``--continue run_itNNN_optimiser.star`` resumes from), plus run.log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -23,11 +24,13 @@ from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import orientation_grid, translation_grid
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.sgd import SgdOptions, SgdSchedule, SgdState, initial_state, sgd_iteration
-from spa3d.io.atomic_write import atomic_path
+from spa3d.io.atomic_write import atomic_path, ensure_writable_dir
 from spa3d.io.mrc import write_map
 from spa3d.io.particles import ParticleSet
-from spa3d.io.star import read_star, write_star
+from spa3d.io.star import write_star
 from spa3d.jobs.progress import add_log_file
+from spa3d.jobs.resume import (IterationFiles, append_options_block, read_recorded, remove_stale_staging,
+                               resolve_continue, restore_options, state_file)
 
 log = logging.getLogger("spa3d")
 
@@ -57,8 +60,8 @@ class InitialModelOptions:
     dask_scheduler: str | None = None
 
 
-def _save_state(job: Path, state: SgdState, it: int) -> None:
-    with atomic_path(job / f"run_it{it:03d}_sgd_state.npz") as tmp:
+def _save_state(path: Path, state: SgdState) -> None:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, maps=state.maps, momentum=state.momentum, sigma2=state.sigma2,
                      class_fractions=state.class_fractions, iteration=state.iteration,
@@ -72,13 +75,20 @@ def _load_state(path: Path) -> SgdState:
                         int(z["iteration"]), rng_state)
 
 
-def _write_iteration(job: Path, ps: ParticleSet, state: SgdState, poses: dict, res: float, o: InitialModelOptions) -> None:
+def _write_iteration(job: Path, ps: ParticleSet, state: SgdState, poses: dict, res: float, o: InitialModelOptions,
+                     input_star: str) -> None:
+    with IterationFiles(job, state.iteration) as files:
+        _write_iteration_files(files, job, ps, state, poses, res, o, input_star)
+
+
+def _write_iteration_files(files: IterationFiles, job: Path, ps: ParticleSet, state: SgdState, poses: dict, res: float,
+                           o: InitialModelOptions, input_star: str) -> None:
     it = state.iteration
     apix = ps.pixel_size
     names = []
     for k in range(len(state.maps)):
         name = job / f"run_it{it:03d}_class{k + 1:03d}.mrc"
-        write_map(name, state.maps[k], apix)
+        write_map(files.path(name), state.maps[k], apix)
         names.append(str(name))
     general = {"rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": ps.box,
                "rlnCurrentResolution": res, "rlnCurrentImageSize": ps.box, "rlnNrClasses": len(state.maps),
@@ -86,7 +96,7 @@ def _write_iteration(job: Path, ps: ParticleSet, state: SgdState, poses: dict, r
     classes = pd.DataFrame({"rlnReferenceImage": names, "rlnClassDistribution": state.class_fractions,
                             "rlnEstimatedResolution": res})
     sigma = pd.DataFrame({"rlnSpectralIndex": np.arange(len(state.sigma2)), "rlnSigma2Noise": state.sigma2})
-    write_star(job / f"run_it{it:03d}_model.star", {"model_general": general, "model_classes": classes,
+    write_star(files.path(job / f"run_it{it:03d}_model.star"), {"model_general": general, "model_classes": classes,
                                                     "model_group_1": sigma})
     table = ps.table.copy()
     p = table.particles
@@ -99,45 +109,74 @@ def _write_iteration(job: Path, ps: ParticleSet, state: SgdState, poses: dict, r
                 p[col] = 0.0
             p.loc[seen, col] = vals[:, j]
         p["rlnClassNumber"] = p["rlnClassNumber"].astype(int)
-    table.write(job / f"run_it{it:03d}_data.star")
-    _save_state(job, state, it)
-    write_star(job / f"run_it{it:03d}_optimiser.star", {"optimiser_general": {
+    table.write(files.path(job / f"run_it{it:03d}_data.star"))
+    _save_state(files.path(job / f"run_it{it:03d}_sgd_state.npz"), state)
+    optimiser = files.path(job / f"run_it{it:03d}_optimiser.star")
+    write_star(optimiser, {"optimiser_general": {
         "rlnOutputRootName": str(job / "run"), "rlnModelStarFile": str(job / f"run_it{it:03d}_model.star"),
         "rlnExperimentalDataStarFile": str(job / f"run_it{it:03d}_data.star"), "rlnCurrentIteration": it,
         "rlnRandomSeed": o.seed, "rlnSgdStateFile": str(job / f"run_it{it:03d}_sgd_state.npz")}})
+    append_options_block(optimiser, o, {"input_star": input_star})
 
 
-def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, continue_from: str | None = None) -> SgdState:
+def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, continue_from: str | None = None,
+                      given: set[str] | None = None) -> SgdState:
     """Run the SGD initial model (see module docstring); with ``o.workers`` / ``o.dask_scheduler`` each
-    mini-batch's E-step is split over Dask workers."""
+    mini-batch's E-step is split over Dask workers.
+
+    ``continue_from``: a run_itNNN_optimiser.star or a job directory (its last complete iteration); the
+    run's recorded options are restored except those named in ``given`` (None: all of ``o``'s), see
+    :mod:`spa3d.jobs.resume`.
+    """
+    o = dataclasses.replace(o, schedule=dataclasses.replace(o.schedule or SgdSchedule()))
+    input_star = str(Path(star).resolve()) if star else None
+    if continue_from:
+        Path(job_dir).mkdir(parents=True, exist_ok=True)
+        add_log_file(Path(job_dir) / "run.log")  # the changes of options below belong in the job's log
+        continue_from = str(resolve_continue(continue_from))
+        recorded = read_recorded(continue_from)
+        o = restore_options(o, given, recorded, {"n_classes"}, continue_from)
+        first = recorded.get("input_star")
+        if star and first and Path(star).resolve() != Path(first):
+            raise InputError(star, f"--continue: the run's particles are {first}; they cannot change")
+        input_star = first or input_star
     cluster = None
     if o.workers or o.dask_scheduler:
         from spa3d.backend.distributed import DaskCluster
 
         cluster = DaskCluster(o.workers, o.dask_scheduler, o.threads or 1)
     try:
-        return _run_initial_model(star, job_dir, o, continue_from, cluster)
+        return _run_initial_model(star, job_dir, o, continue_from, cluster, input_star)
     finally:
         if cluster is not None:
             cluster.close()
 
 
-def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, cluster) -> SgdState:
-    job = Path(job_dir)
-    job.mkdir(parents=True, exist_ok=True)
+def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, cluster, input_star) -> SgdState:
+    job = ensure_writable_dir(job_dir)
     add_log_file(job / "run.log")
+    remove_stale_staging(job)
     device = select_device(o.device, o.threads)
     sched = o.schedule or SgdSchedule()
     if o.n_classes < 1:
         raise InputError(None, "--K must be at least 1")
     if continue_from:
-        opt = read_star(continue_from)
-        gen = opt[next(iter(opt))]
-        state = _load_state(Path(str(gen["rlnSgdStateFile"].iloc[0])))
-        star = star or str(job / f"run_it{state.iteration:03d}_data.star")
+        sfile = state_file(continue_from)
+        if sfile is None or not sfile.exists():
+            raise InputError(continue_from, f"state file {sfile} not found")
+        state = _load_state(sfile)
+        if len(state.maps) != o.n_classes:
+            raise InputError(continue_from, f"--continue cannot change K ({len(state.maps)} classes in the run)")
+        # the poses found so far are in the iteration's data.star
+        star = str(Path(continue_from).parent / f"run_it{state.iteration:03d}_data.star")
         rng = np.random.default_rng()
         rng.bit_generator.state = state.rng_state
-    ps = ParticleSet(star)
+        log.info(f"initial model: continuing from iteration {state.iteration} ({continue_from})")
+    if star is None:
+        raise InputError(None, "--i particles.star is required")
+    # a resumed run reads the poses found so far from the iteration's data.star, and the images from where
+    # the run's particles were (their names are relative to that STAR file's project)
+    ps = ParticleSet(star, ParticleSet(input_star).project_dir if continue_from and input_star else None)
     if o.ctf and not ps.has_ctf():
         raise InputError(star, "--ctf needs rlnDefocusU/V, rlnVoltage and rlnSphericalAberration")
     apix = ps.pixel_size
@@ -177,6 +216,6 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
                  f"{out['subset'] / (time.perf_counter() - t0):.0f} particles/s, {left:.0f} s left")
         state.rng_state = rng.bit_generator.state
         if state.iteration % o.write_iter == 0 or state.iteration == sched.total:
-            _write_iteration(job, ps, state, poses, res, o)
+            _write_iteration(job, ps, state, poses, res, o, input_star or str(Path(ps.star_path).resolve()))
     log.info(f"done in {time.perf_counter() - start:.1f} s: {job / f'run_it{state.iteration:03d}_class001.mrc'}")
     return state

@@ -115,6 +115,10 @@ class Pipeline:
                                                                "rlnPipeLineNodeType": ntype}])], ignore_index=True)
 
     def add_edges(self, process: str, inputs: list[tuple[str, int]], outputs: list[tuple[str, int]]) -> None:
+        have_in = set(zip(self.inputs["rlnPipeLineEdgeFromNode"], self.inputs["rlnPipeLineEdgeProcess"]))
+        have_out = set(zip(self.outputs["rlnPipeLineEdgeProcess"], self.outputs["rlnPipeLineEdgeToNode"]))
+        inputs = [(n, t) for n, t in inputs if (n, process) not in have_in]
+        outputs = [(n, t) for n, t in outputs if (process, n) not in have_out]
         for name, ntype in inputs:
             self.add_node(name, ntype)
             self.inputs = pd.concat([self.inputs, pd.DataFrame([{"rlnPipeLineEdgeFromNode": name,
@@ -136,41 +140,67 @@ def _relative(path: str | Path, project: Path) -> str:
 
 
 @contextlib.contextmanager
-def project_job(project: str | Path, job_type: str, command: list[str] | None = None):
+def project_job(project: str | Path, job_type: str, command: list[str] | None = None,
+                continue_job: str | Path | None = None):
     """Run a job in the next ``<job_type>/jobNNN/`` of ``project`` (working directory = project).
 
     Yields a :class:`JobRecord`; the job fills ``record.inputs`` / ``record.outputs``
     with (path, node type) pairs. On success the pipeline marks the job
     finished with its edges; on a crash, failed; on bad input
     (:class:`InputError`) the job directory and its pipeline entry are removed.
+    With ``continue_job`` (a job directory of the project, relative to it or
+    absolute) the job runs again in that directory, as RELION's "Continue":
+    it is marked running, note.txt gets the new command, and bad input leaves
+    the directory and its former status as they were.
     """
     project = Path(project)
     project.mkdir(parents=True, exist_ok=True)
     cwd = Path.cwd()
+    if continue_job is not None and Path(continue_job).is_absolute():
+        continue_job = _relative(continue_job, project)
     os.chdir(project)
     try:
         pipe = Pipeline(".")
-        number = pipe.next_job_number()
-        name = f"{job_type}/job{number:03d}/"
-        job_dir = Path(name)
-        job_dir.mkdir(parents=True, exist_ok=False)
         cmd = command if command is not None else ["spa3d", *sys.argv[1:]]
-        (job_dir / "note.txt").write_text(
-            f" ++++ Executing new job on {time.strftime('%a %b %d %H:%M:%S %Y')}\n"
-            f" ++++ with the following command(s): \n{shlex.join(cmd)}\n ++++ \n")
-        pipe.counter = number + 1
-        pipe.add_process(name, PROCESS_TYPES.get(job_type, PROCESS_TYPES["External"]))
-        pipe.write()
+        note = (f" ++++ Executing new job on {time.strftime('%a %b %d %H:%M:%S %Y')}\n"
+                f" ++++ with the following command(s): \n{shlex.join(cmd)}\n ++++ \n")
+        if continue_job is not None:
+            job_dir = Path(continue_job)
+            name = job_dir.as_posix().rstrip("/") + "/"
+            known = pipe.processes["rlnPipeLineProcessName"].astype(str)
+            if not job_dir.is_dir() or name not in set(known):
+                raise InputError(continue_job, f"--continue: not a job of the project {project}")
+            before = int(pipe.processes.loc[known == name, "rlnPipeLineProcessStatus"].iloc[0])
+            for marker in ("RELION_JOB_EXIT_SUCCESS", "RELION_JOB_EXIT_FAILURE"):
+                with contextlib.suppress(FileNotFoundError):
+                    (job_dir / marker).unlink()
+            with open(job_dir / "note.txt", "a") as fh:
+                fh.write(note)
+            pipe.set_status(name, RUNNING)
+            pipe.write()
+        else:
+            number = pipe.next_job_number()
+            name = f"{job_type}/job{number:03d}/"
+            job_dir = Path(name)
+            job_dir.mkdir(parents=True, exist_ok=False)
+            (job_dir / "note.txt").write_text(note)
+            pipe.counter = number + 1
+            pipe.add_process(name, PROCESS_TYPES.get(job_type, PROCESS_TYPES["External"]))
+            pipe.write()
         record = JobRecord(job_dir, project)
         try:
             yield record
         except InputError:
+            pipe = Pipeline(".")
+            if continue_job is not None:
+                pipe.set_status(name, before)
+                pipe.write()
+                raise
             import shutil
 
             shutil.rmtree(job_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 job_dir.parent.rmdir()
-            pipe = Pipeline(".")
             pipe.remove_process(name)
             pipe.write()
             raise
@@ -181,7 +211,7 @@ def project_job(project: str | Path, job_type: str, command: list[str] | None = 
             pipe.write()
             raise
         pipe = Pipeline(".")
-        pipe.add_edges(name, [(_relative(p, Path.cwd()), t) for p, t in record.inputs],
+        pipe.add_edges(name, [(_relative(p, Path.cwd()), t) for p, t in record.inputs if p],
                        [(_relative(p, Path.cwd()), t) for p, t in record.outputs])
         pipe.set_status(name, FINISHED)
         pipe.write()

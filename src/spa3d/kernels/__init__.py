@@ -4,6 +4,9 @@
 cores it is about 5x faster than the best torch formulation (a weighted
 ``bincount``), which is used when the compiled kernel is absent (no C
 compiler at install time) or the tensors live on a GPU.
+``smooth_half`` is the separable Gaussian of the reconstruction's density
+compensation on a half grid (OpenMP over lines): about 8x faster than the
+torch formulation (15 shifted adds) on a box-256 grid.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import ctypes
 import importlib.machinery
 from pathlib import Path
 
+import numpy as np
 import torch
 
 _LIB = None
@@ -26,9 +30,18 @@ def _load():
             p = here / f"_trilinear{suffix}"
             if p.exists():
                 lib = ctypes.CDLL(str(p))
-                lib.trilinear_scatter.restype = None
-                lib.trilinear_scatter.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                                  ctypes.c_int64, ctypes.c_int64]
+                if not hasattr(lib, "trilinear_scatter_grid"):  # a library built from an older source
+                    continue
+                lib.trilinear_scatter_grid.restype = None
+                lib.trilinear_scatter_grid.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                                       ctypes.c_int64]
+                lib.smooth_half.restype = None
+                lib.smooth_half.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+                lib.density_iteration.restype = None
+                lib.density_iteration.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [
+                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64]
                 _LIB = lib
                 break
     return _LIB
@@ -39,30 +52,31 @@ def have_compiled_kernels() -> bool:
 
 
 def trilinear_scatter(acc: torch.Tensor, coords: torch.Tensor, vals: torch.Tensor, use_compiled: bool = True) -> None:
-    """Add ``vals`` (M, C) at ``coords`` (M, 3: x, y, z voxels) into ``acc`` (D, D, D, C), trilinearly.
+    """Add ``vals`` (M, C) at ``coords`` (M, 3: x, y, z voxels) into ``acc`` (Dz, Dy, Dx, C), trilinearly.
 
     Samples whose neighbourhood leaves the grid are skipped.
     """
-    d = acc.shape[0]
-    nch = acc.shape[-1]
+    dz, dy, dx, nch = acc.shape
     lib = _load() if use_compiled else None
     if lib and acc.device.type == "cpu" and acc.dtype == torch.float32 and acc.is_contiguous():
         c = coords.to(torch.float32).contiguous()
         v = vals.to(torch.float32).contiguous()
-        lib.trilinear_scatter(acc.data_ptr(), d, c.data_ptr(), v.data_ptr(), c.shape[0], nch)
+        lib.trilinear_scatter_grid(acc.data_ptr(), dz, dy, dx, c.data_ptr(), v.data_ptr(), c.shape[0], nch,
+                                   torch.get_num_threads())
         return
     base = torch.floor(coords)
     frac = (coords - base).to(vals.dtype)
     base = base.long()
-    ok = ((base >= 0) & (base + 1 < d)).all(dim=1)
+    size = torch.tensor([dx, dy, dz], device=base.device)
+    ok = ((base >= 0) & (base + 1 < size)).all(dim=1)
     base, frac, vals = base[ok], frac[ok], vals[ok]
     wz = torch.stack([1 - frac[:, 2], frac[:, 2]])
     wy = torch.stack([1 - frac[:, 1], frac[:, 1]])
     wx = torch.stack([1 - frac[:, 0], frac[:, 0]])
     t = (wz[:, None, None] * wy[None, :, None] * wx[None, None, :]).reshape(8, -1)
     o = torch.arange(2, device=acc.device)
-    offs = ((o[:, None, None] * d + o[None, :, None]) * d + o[None, None, :]).reshape(8, 1)
-    idx0 = (base[:, 2] * d + base[:, 1]) * d + base[:, 0]
+    offs = ((o[:, None, None] * dy + o[None, :, None]) * dx + o[None, None, :]).reshape(8, 1)
+    idx0 = (base[:, 2] * dy + base[:, 1]) * dx + base[:, 0]
     flat = acc.view(-1, nch)
     if acc.device.type == "cpu":
         # weighted bincount over (voxel, channel) pairs: the fastest torch scatter-add on CPU
@@ -72,3 +86,42 @@ def trilinear_scatter(acc: torch.Tensor, coords: torch.Tensor, vals: torch.Tenso
         acc.view(-1).add_(torch.bincount(flat_idx, weights=contrib, minlength=acc.numel()).to(acc.dtype))
     else:
         flat.index_add_(0, (idx0[None] + offs).reshape(-1), (t[..., None] * vals[None]).reshape(-1, nch).to(acc.dtype))
+
+
+def smooth_half(x: torch.Tensor, kernel: np.ndarray) -> torch.Tensor | None:
+    """Separable convolution of a half grid (Dz, Dy, Dx) of a symmetric function by ``kernel`` (2r+1 taps).
+
+    Values at x < 0 are the mirrored ones (f(-x,-y,-z) = f(x,y,z)); zero beyond the grid elsewhere.
+    ``x`` is used as work space (overwritten). Returns None when the compiled kernel cannot run
+    (not built, or a GPU tensor): the caller then uses its torch code.
+    """
+    lib = _load()
+    if not lib or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    out = torch.empty_like(x)
+    k = torch.as_tensor(np.asarray(kernel, dtype=np.float32)).contiguous()
+    dz, dy, dx = x.shape
+    lib.smooth_half(x.data_ptr(), out.data_ptr(), dz, dy, dx, k.data_ptr(), (len(k) - 1) // 2,
+                    torch.get_num_threads())
+    return out
+
+
+def density_iterations(d: torch.Tensor, w: torch.Tensor, live: torch.Tensor, kernel: np.ndarray, n_iter: int,
+                       floor_frac: float = 1e-6) -> bool:
+    """Density compensation of a half grid in place on ``d`` (see ``BackProjector.reconstruct``), compiled.
+
+    Each iteration: conv = smooth(d·w); where ``live``, d /= conv if conv > floor_frac·max(conv); d = 0
+    elsewhere. Returns False (``d`` untouched) when the compiled kernel cannot run.
+    """
+    lib = _load()
+    ok = (lib and d.device.type == "cpu" and d.dtype == torch.float32 and w.dtype == torch.float32
+          and d.is_contiguous() and w.is_contiguous() and live.is_contiguous() and live.dtype == torch.bool)
+    if not ok:
+        return False
+    t1, t2 = torch.empty_like(d), torch.empty_like(d)
+    k = torch.as_tensor(np.asarray(kernel, dtype=np.float32)).contiguous()
+    dz, dy, dx = d.shape
+    for _ in range(n_iter):
+        lib.density_iteration(d.data_ptr(), w.data_ptr(), live.data_ptr(), t1.data_ptr(), t2.data_ptr(), dz, dy, dx,
+                              k.data_ptr(), (len(k) - 1) // 2, float(floor_frac), torch.get_num_threads())
+    return True
