@@ -124,6 +124,7 @@ INITIAL_MODEL_OPTIONS = {"K": "n_classes", "sym": "symmetry", "particle_diameter
                          "sgd_fin_resol": "schedule.fin_resol", "sgd_ini_subset": "schedule.ini_subset",
                          "sgd_fin_subset": "schedule.fin_subset", "sgd_write_iter": "write_iter",
                          "incr_size": "incr_size", "sgd_stepsize": "step_size", "mu": "momentum", "final_em": "final_em",
+                         "exhaustive_search": "exhaustive",
                          "seed": "seed", "device": "device", "threads": "threads", "workers": "workers",
                          "dask_scheduler": "dask_scheduler"}
 
@@ -272,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-em", type=int, default=1,
                    help="the last N iterations are EM steps over all particles, offsets searched at half the "
                         "step (default 1; 0 is RELION's behaviour)")
+    p.add_argument("--exhaustive-search", action="store_true",
+                   help="score every pose at the fine sampling (default: coarse-to-fine, RELION's adaptive "
+                        "oversampling: a coarse pass at the --angular-sampling step, then the significant poses' "
+                        "children at half the angular and translational step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--continue", dest="continue_from", default=None,
                    help="run_itNNN_optimiser.star, or a job directory (its last complete iteration), to continue "

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from spa3d.fourier.backprojector import BackProjector
+from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.fourier.projector import Projector
 from spa3d.inference.likelihood import FourierPixels, log_likelihoods
 
@@ -42,6 +43,29 @@ class SearchGrid:
     fine_rot: torch.Tensor  # (Rc·8, 3, 3); children of coarse c are rows 8c..8c+7
     coarse_trans: torch.Tensor  # (Tc, 2) pixels
     fine_trans: torch.Tensor  # (Tc·4, 2); children of coarse t are rows 4t..4t+3
+
+
+def make_search_grid(order: int, symmetry: str, offset_range: float, offset_step: float, device=None) -> SearchGrid:
+    """The coarse grid (HEALPix ``order``, translations every ``offset_step`` pixels within ``offset_range``)
+    and its oversampled children (order + 1, half the translation step)."""
+    from spa3d.geometry.euler import euler_to_matrix
+
+    coarse_t, fine_t = oversampled_translations(offset_range, offset_step)
+    ce, fe = oversampled_orientations(order, symmetry)
+    f32 = dict(dtype=torch.float32, device=device)
+    return SearchGrid(torch.as_tensor(euler_to_matrix(*ce.T), **f32), torch.as_tensor(euler_to_matrix(*fe.T), **f32),
+                      torch.as_tensor(coarse_t, **f32), torch.as_tensor(fine_t, **f32))
+
+
+def coarse_radius(order: int, particle_diameter: float, box: int, pixel_size: float) -> float:
+    """Radius (cycles per box) of the coarse pass, as RELION sets it.
+
+    A rotation by the coarse angular step moves the particle's edge by
+    step·π·diameter/360 Å; the coarse pass uses frequencies up to 1.2× finer
+    than that distance.
+    """
+    moved = angular_step(order) / 360.0 * np.pi * particle_diameter
+    return float(np.ceil(box * pixel_size / (moved / 1.2)))
 
 
 @dataclass
@@ -107,7 +131,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
                  allowed_class: torch.Tensor | None = None, hard: bool = False,
                  adaptive_fraction: float = 0.999, max_significant: int = 256,
                  prior_rot: torch.Tensor | None = None, sigma_ang: float | None = None,
-                 marginalise_broad: bool = True, pair_chunk: int = 512) -> BatchResult:
+                 marginalise_broad: bool = True, pair_chunk: int = 512, residual: bool = False) -> BatchResult:
     """E-step (and M-step sums) for one batch.
 
     x_full: (B, n, n//2+1) complex image FTs shifted by the old offsets;
@@ -121,6 +145,8 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     rotation, zero beyond 3σ; marginalise_broad: images whose significant
     set would exceed ``max_significant`` are marginalised over the whole
     coarse grid (else their posterior is cut to the top samples).
+    residual: the back-projectors receive the residuals Σ p·C·(X·S − C·P) at
+    every pose instead of Σ p·C·X·S (RELION's SGD gradient), same weights.
     """
     dev = x_full.device
     b = x_full.shape[0]
@@ -187,13 +213,13 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     if bool(broad.any()):
         sel = broad.nonzero()[:, 0]
         _coarse_marginal(sel, ll[sel], x_full[sel], ctf_full[sel], old_offsets[sel], grid, projectors, px_fine,
-                         sigma2_shell, k_cls, backprojectors, out, sums)
+                         sigma2_shell, k_cls, backprojectors, out, sums, residual)
         n_sig[sel] = -1
     del ll, lls
     if len(img):
         _fine_pass(img, flat, b, ~broad, x_full, ctf_full, old_offsets, grid, projectors, px_fine, sigma2_shell,
                    log_class_prior, k_cls, hard, prior_t, prior_r if local else None, backprojectors, pair_chunk,
-                   out, sums)
+                   out, sums, residual)
     return BatchResult(out["bk"].cpu().numpy(), out["brot"].cpu().numpy(), out["btrans"].cpu().numpy(),
                        out["pmax"].cpu().numpy(), n_sig.cpu().numpy(), out["loge"].cpu().numpy(),
                        out["class_post"].cpu().numpy(), out["rot_spread"].sqrt().cpu().numpy(),
@@ -203,7 +229,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
 
 
 def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell,
-               log_class_prior, k_cls, hard, prior_t, prior_r, backprojectors, pair_chunk, out, sums):
+               log_class_prior, k_cls, hard, prior_t, prior_r, backprojectors, pair_chunk, out, sums, residual=False):
     """Score the children of the significant coarse samples (image ``img``, flat index ``flat``); fill ``out``."""
     dev = x_full.device
     n_tc = grid.coarse_trans.shape[0]
@@ -326,6 +352,8 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
                               torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
         acc_w = wrow.T @ c2  # (U, P)
         acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
+        if residual:  # Σ p·C·(X·S − C·P) = Σ p·C·X·S − (Σ p·C²)·P
+            acc = acc - acc_w * table
         for k in range(k_cls):
             sel = (u_cls == k).nonzero()[:, 0]
             if len(sel):
@@ -334,7 +362,7 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
 
 
 def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell, k_cls,
-                     backprojectors, out, sums):
+                     backprojectors, out, sums, residual=False):
     """Images with broad posteriors: marginalise over every coarse sample (no fine pass), fill ``out[sel]``.
 
     ll: (B', K·Tc·Rc) coarse log-posteriors. The posterior-weighted images are
@@ -396,8 +424,11 @@ def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p
         wsum = pk[:, :, keep].sum(1).T @ c2  # (R', P)
         # spread over the 8 fine children of each coarse rotation: the same Fourier coverage as the fine pass
         children = (keep[:, None] * 8 + torch.arange(8, device=dev)[None]).reshape(-1)
-        backprojectors[k].insert_pixels(data.repeat_interleave(8, 0) / 8, wsum.repeat_interleave(8, 0) / 8,
-                                        grid.fine_rot[children], p_fine.kx, p_fine.ky)
+        data8, wsum8 = data.repeat_interleave(8, 0) / 8, wsum.repeat_interleave(8, 0) / 8
+        if residual:  # residuals against each child's own projection
+            data8 = data8 - wsum8 * projectors[k].project_pixels(grid.fine_rot[children], p_fine.kx,
+                                                                 p_fine.ky).to(data8.dtype)
+        backprojectors[k].insert_pixels(data8, wsum8, grid.fine_rot[children], p_fine.kx, p_fine.ky)
 
 
 def _cc_scores(images, ctf, weights, projections, phases):

@@ -40,7 +40,8 @@ from spa3d.fourier.filters import lowpass, power_spectrum, soft_sphere
 from spa3d.fourier.grid import rfft2_centered
 from spa3d.fourier.projector import Projector
 from spa3d.geometry.euler import random_rotations
-from spa3d.inference.estep import BatchPosterior, expectation
+from spa3d.inference.estep import expectation
+from spa3d.inference.search import SearchGrid, search_batch
 from spa3d.inference.likelihood import FourierPixels
 from spa3d.io.particles import ParticleSet
 
@@ -85,6 +86,21 @@ class SgdState:
 
 
 @dataclass
+class MinibatchPoses:
+    """Per-image result of a mini-batch E-step (arrays of length B) and its noise sums."""
+
+    best_class: np.ndarray
+    best_rotation: np.ndarray  # (B, 3, 3) rotation matrices
+    best_translation: np.ndarray  # (B, 2) pixels
+    max_posterior: np.ndarray
+    n_significant: np.ndarray
+    log_evidence: np.ndarray
+    class_posterior: np.ndarray  # (B, K)
+    residual_power: np.ndarray  # (n_shells,) Σ m·|X S − C P|² at the best pose
+    pixel_count: np.ndarray  # (n_shells,)
+
+
+@dataclass
 class SgdOptions:
     n_classes: int = 1
     particle_diameter: float = 200.0  # Å
@@ -104,6 +120,24 @@ class SgdOptions:
     final_em: int = 1  # the last ``final_em`` iterations: EM steps over all particles (see module docstring)
     final_translations: np.ndarray | None = None  # (T', 2) pixels searched in those EM steps (default: translations)
     estep_batch: int = 500  # particles per E-step call in the full pass (bounds memory: B·T·R floats)
+    # coarse-to-fine search (RELION's adaptive oversampling; None: every pose of ``rotations`` × ``translations``)
+    search: SearchGrid | None = None
+    coarse_radius_px: float = 1e9  # radius (cycles per box) of the coarse pass
+    adaptive_fraction: float = 0.999
+    max_significant: int = 256
+    marginalise_broad: bool = True  # images whose significant set exceeds max_significant: whole coarse grid
+
+
+def image_planes(ps: ParticleSet, idx: np.ndarray, mask2d: torch.Tensor, o: SgdOptions):
+    """Masked images' half-plane FTs (B, n, n//2+1) and CTFs (B, n, n//2+1; ones without CTF) of particles ``idx``."""
+    dev = o.device if o.device is not None else torch.device("cpu")
+    x = rfft2_centered(torch.as_tensor(ps.read(idx), device=dev) * mask2d.to(dev))
+    if o.ctf:
+        c = ctf_half_plane(ps.ctf_params(idx), ps.box, ps.pixel_size, intact_first_peak=o.ctf_intact_first_peak,
+                           phase_flipped=o.ctf_phase_flipped, device=dev).to(torch.float32)
+    else:
+        c = torch.ones(x.shape, dtype=torch.float32, device=dev)
+    return x, c
 
 
 def image_pixels(ps: ParticleSet, idx: np.ndarray, px: FourierPixels, mask2d: torch.Tensor, o: SgdOptions):
@@ -157,27 +191,49 @@ def _flatten(v: np.ndarray, o: SgdOptions, apix: float) -> np.ndarray:
 
 def _estep_minibatch(ps: ParticleSet, idx: np.ndarray, maps: np.ndarray, sigma2: np.ndarray,
                      class_fractions: np.ndarray, o: SgdOptions, r_cur: float, residual: bool = False):
-    """E-step of particles ``idx`` against ``maps``: (posterior, back-projectors).
+    """E-step of particles ``idx`` against ``maps``: (:class:`MinibatchPoses`, back-projectors).
 
     With ``residual`` the back-projectors hold the residuals (image − CTF·projection), whose
-    reconstruction is the SGD gradient.
-    The particles go through in chunks of ``o.estep_batch`` (the posterior of a chunk holds
-    chunk × translations × rotations floats); their weighted sums add up in the same back-projectors."""
+    reconstruction is the SGD gradient. With ``o.search`` the poses are searched coarse-to-fine
+    (:func:`spa3d.inference.search.search_batch`), else exhaustively over ``o.rotations`` ×
+    ``o.translations``. The particles go through in chunks of ``o.estep_batch``; their weighted
+    sums add up in the same back-projectors."""
     n, apix = ps.box, ps.pixel_size
     dev = o.device
     px = FourierPixels.make(n, r_cur, device=dev)
     mask2d = torch.as_tensor(soft_sphere(n, o.particle_diameter / (2 * apix), 5.0, ndim=2))
+    bps = [BackProjector(n, r_max=r_cur, device=dev) for _ in range(o.n_classes)]
+    posts = []
+    chunks = np.array_split(idx, max(1, -(-len(idx) // o.estep_batch)))
+    if o.search is not None:
+        grid = o.search
+        px_c = FourierPixels.make(n, min(r_cur, o.coarse_radius_px), device=dev)
+        projectors = [Projector(maps[k], r_max=min(n // 2, r_cur + 2), device=dev) for k in range(o.n_classes)]
+        coarse_refs = [p.project_pixels(grid.coarse_rot, px_c.kx, px_c.ky) for p in projectors]
+        sigma2_t = torch.as_tensor(sigma2, dtype=torch.float32, device=dev)
+        log_prior = torch.as_tensor(np.log(np.clip(class_fractions, 1e-6, None)), dtype=torch.float32, device=dev)
+        for chunk in chunks:
+            x, c = image_planes(ps, chunk, mask2d, o)
+            r = search_batch(x, c, torch.zeros((len(chunk), 2), device=dev), grid, projectors, coarse_refs, px_c, px,
+                             sigma2_t, log_prior, o.offset_sigma_px, bps, adaptive_fraction=o.adaptive_fraction,
+                             max_significant=o.max_significant, marginalise_broad=o.marginalise_broad,
+                             residual=residual)
+            posts.append(MinibatchPoses(r.best_class, r.best_rotation, r.best_translation, r.max_posterior,
+                                        r.n_significant, r.log_evidence, r.class_posterior, r.residual_shell,
+                                        r.pixel_shell))
+        return (_join_posteriors(posts) if len(posts) > 1 else posts[0]), bps
     sigma2_pix = torch.as_tensor(sigma2, dtype=torch.float32, device=dev)[px.shell].clamp_min(1e-12)
     rots = torch.as_tensor(o.rotations, dtype=torch.float32, device=dev)
     trans = torch.as_tensor(o.translations, dtype=torch.float32, device=dev)
     refs = [Projector(maps[k], r_max=r_cur + 1, device=dev).project_pixels(rots, px.kx, px.ky)
             for k in range(o.n_classes)]
-    bps = [BackProjector(n, r_max=r_cur, device=dev) for _ in range(o.n_classes)]
-    posts = []
-    for chunk in np.array_split(idx, max(1, -(-len(idx) // o.estep_batch))):
+    for chunk in chunks:
         x, c = image_pixels(ps, chunk, px, mask2d, o)
-        posts.append(expectation(x, c, px, sigma2_pix, refs, np.log(np.clip(class_fractions, 1e-6, None)), rots,
-                                 trans, o.offset_sigma_px, bps, residual=residual))
+        p = expectation(x, c, px, sigma2_pix, refs, np.log(np.clip(class_fractions, 1e-6, None)), rots, trans,
+                        o.offset_sigma_px, bps, residual=residual)
+        posts.append(MinibatchPoses(p.best_class, np.asarray(o.rotations)[p.best_rotation],
+                                    np.asarray(o.translations)[p.best_translation], p.max_posterior, p.n_significant,
+                                    p.log_evidence, p.class_posterior, p.residual_power, p.pixel_count))
     return (_join_posteriors(posts) if len(posts) > 1 else posts[0]), bps
 
 
@@ -189,7 +245,7 @@ def _estep_minibatch_worker(args):
     return post, [bp.acc for bp in bps]
 
 
-def _join_posteriors(posts: list) -> BatchPosterior:
+def _join_posteriors(posts: list) -> MinibatchPoses:
     cat = {f: np.concatenate([getattr(p, f) for p in posts]) for f in
            ("best_class", "best_rotation", "best_translation", "max_posterior", "n_significant", "log_evidence",
             "class_posterior")}
@@ -198,7 +254,7 @@ def _join_posteriors(posts: list) -> BatchPosterior:
     for p in posts:
         rp[:len(p.residual_power)] += p.residual_power
         pc[:len(p.pixel_count)] += p.pixel_count
-    return BatchPosterior(**cat, residual_power=rp, pixel_count=pc)
+    return MinibatchPoses(**cat, residual_power=rp, pixel_count=pc)
 
 
 def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: SgdSchedule,
@@ -221,6 +277,7 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
         idx = np.arange(len(ps))
         if o.final_translations is not None:
             o = dataclasses.replace(o, translations=o.final_translations)
+
     if cluster is None:
         post, bps = _estep_minibatch(ps, idx, state.maps, state.sigma2, state.class_fractions, o, r_cur,
                                      not full_pass)

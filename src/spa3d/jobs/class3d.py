@@ -52,7 +52,7 @@ from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels
-from spa3d.inference.search import SearchGrid, search_batch
+from spa3d.inference.search import SearchGrid, coarse_radius, make_search_grid, search_batch
 from spa3d.io.atomic_write import atomic_path, ensure_writable_dir
 from spa3d.io.mrc import read_map, write_map
 from spa3d.io.particles import ParticleSet
@@ -309,17 +309,6 @@ def warmup_iterations(o: Class3dOptions) -> int:
     return o.n_iter // 3
 
 
-def coarse_radius(order: int, particle_diameter: float, box: int, pixel_size: float) -> float:
-    """Radius (cycles per box) of the coarse pass, as RELION sets it.
-
-    A rotation by the coarse angular step moves the particle's edge by
-    step·π·diameter/360 Å; the coarse pass uses frequencies up to 1.2× finer
-    than that distance.
-    """
-    moved = angular_step(order) / 360.0 * np.pi * particle_diameter
-    return float(np.ceil(box * pixel_size / (moved / 1.2)))
-
-
 @dataclass
 class EStepChunk:
     """One chunk of an iteration's E-step: what a worker needs (picklable, sent to Dask workers).
@@ -385,12 +374,7 @@ _GRID_CACHE: dict = {}
 def _search_grid(order: int, o: Class3dOptions, device: torch.device) -> SearchGrid:
     key = (order, o.symmetry, o.offset_range, o.offset_step, str(device))
     if key not in _GRID_CACHE:
-        coarse_t, fine_t = oversampled_translations(o.offset_range, o.offset_step)
-        ce, fe = oversampled_orientations(order, o.symmetry)
-        _GRID_CACHE[key] = SearchGrid(torch.as_tensor(euler_to_matrix(*ce.T), dtype=torch.float32, device=device),
-                                      torch.as_tensor(euler_to_matrix(*fe.T), dtype=torch.float32, device=device),
-                                      torch.as_tensor(coarse_t, dtype=torch.float32, device=device),
-                                      torch.as_tensor(fine_t, dtype=torch.float32, device=device))
+        _GRID_CACHE[key] = make_search_grid(order, o.symmetry, o.offset_range, o.offset_step, device)
     return _GRID_CACHE[key]
 
 

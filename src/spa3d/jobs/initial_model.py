@@ -23,6 +23,7 @@ from spa3d.errors import InputError
 from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import orientation_grid, translation_grid
 from spa3d.geometry.symmetry import symmetry_matrices
+from spa3d.inference.search import coarse_radius, make_search_grid
 from spa3d.inference.sgd import SgdOptions, SgdSchedule, SgdState, initial_state, sgd_iteration
 from spa3d.io.atomic_write import atomic_path, ensure_writable_dir
 from spa3d.io.mrc import write_map
@@ -53,6 +54,8 @@ class InitialModelOptions:
     step_size: float = 0.5  # SGD step size η (RELION's default)
     momentum: float = 0.9  # SGD momentum μ (RELION's default)
     final_em: int = 1  # the last iterations done as EM steps over all particles (spa3d's default 1; RELION 0)
+    exhaustive: bool = False  # every pose at the fine sampling, instead of coarse-to-fine (RELION's oversampling)
+    coarse_radius_px: float | None = None  # radius of the coarse pass (cycles per box; default RELION's rule)
     seed: int = 0
     device: str | None = None
     threads: int | None = None
@@ -184,17 +187,28 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
         log.info(f"particle diameter {o.particle_diameter} Å exceeds the box; using the box")
         o.particle_diameter = ps.box * apix
     grid = orientation_grid(o.healpix_order + 1, o.symmetry)
+    search = None if o.exhaustive else make_search_grid(o.healpix_order, o.symmetry, o.offset_range, o.offset_step,
+                                                         device)
     opts = SgdOptions(n_classes=o.n_classes, particle_diameter=o.particle_diameter, flatten_solvent=o.flatten_solvent,
                       ctf=o.ctf, ctf_intact_first_peak=o.ctf_intact_first_peak, ctf_phase_flipped=o.ctf_phase_flipped,
                       rotations=euler_to_matrix(*grid.T), translations=translation_grid(o.offset_range, o.offset_step),
                       offset_sigma_px=max(o.offset_range / 2, 1.0), symmetry_ops=symmetry_matrices(o.symmetry),
                       device=device, incr_size=o.incr_size, step_size=o.step_size, momentum=o.momentum,
-                      final_em=o.final_em, final_translations=translation_grid(o.offset_range, o.offset_step / 2))
+                      final_em=o.final_em, final_translations=translation_grid(o.offset_range, o.offset_step / 2),
+                      search=search, coarse_radius_px=o.coarse_radius_px or coarse_radius(o.healpix_order,
+                                                                                          o.particle_diameter, ps.box,
+                                                                                          apix))
     if not continue_from:
         rng = np.random.default_rng(o.seed)
         state = initial_state(ps, opts, sched, rng)
-    log.info(f"initial model: {len(ps)} particles, box {ps.box}, {apix:.3f} Å/px, K={o.n_classes}, "
-             f"{len(grid)} orientations x {len(opts.translations)} translations, {sched.total} iterations")
+    if search is None:
+        how = f"{len(grid)} orientations x {len(opts.translations)} translations (every pose)"
+    else:
+        how = (f"{len(search.coarse_rot)} x {len(search.coarse_trans)} coarse poses (radius ≤ "
+               f"{opts.coarse_radius_px:.0f} px), then {len(grid)} orientations x {len(search.fine_trans)} "
+               f"translations around the significant ones")
+    log.info(f"initial model: {len(ps)} particles, box {ps.box}, {apix:.3f} Å/px, K={o.n_classes}, {how}, "
+             f"{sched.total} iterations")
     poses: dict[int, tuple] = {}
     start = time.perf_counter()
     first_it = state.iteration
@@ -204,9 +218,8 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
         out = sgd_iteration(ps, state, opts, sched, rng, cluster)
         post = out["posterior"]
         res = out["resolution"]
-        mats = opts.rotations[post.best_rotation]
-        r, t, p = matrix_to_euler(mats)
-        tr = out["translations"][post.best_translation] * apix
+        r, t, p = matrix_to_euler(np.asarray(post.best_rotation, dtype=np.float64))
+        tr = np.asarray(post.best_translation) * apix
         for j, i in enumerate(out["indices"]):
             poses[int(i)] = (r[j], t[j], p[j], tr[j, 0], tr[j, 1], post.best_class[j] + 1, post.max_posterior[j])
         done = state.iteration - first_it
