@@ -71,3 +71,20 @@ def test_same_seed_same_map(im_data, tmp_path):
 def test_bad_input(im_data, tmp_path, capsys):
     assert main(["initial-model", "--i", str(im_data / "particles.star"), "--o", str(tmp_path / "x"), "--K", "0"]) == 2
     assert "--K" in capsys.readouterr().err
+
+
+def test_estimate_before_launch_is_within_a_factor_of_two(im_data, im_run, tmp_path, capsys):
+    """run.log starts with the expected wall time (a short calibration on this machine); the run took within 2x."""
+    import re
+
+    log = (im_run / "run.log").read_text()
+    est = re.search(r"estimate: ([\d.]+) (s|min|h) wall time, peak memory ([\d.]+) GiB, ([\d,]+) poses", log)
+    assert est, "no estimate in run.log"
+    seconds = float(est.group(1)) * {"s": 1, "min": 60, "h": 3600}[est.group(2)]
+    took = float(re.search(r"done in ([\d.]+) s", log).group(1))
+    assert 0.5 <= took / seconds <= 2.0, f"estimate {seconds:.1f} s, run {took:.1f} s"
+    assert 0.05 < float(est.group(3)) < 16 and int(est.group(4).replace(",", "")) > 576
+    # --dry-run prints the same estimate and writes nothing
+    assert main(["initial-model", "--i", str(im_data / "particles.star"), "--o", str(tmp_path / "dry"), *SHORT,
+                 "--dry-run"]) == 0
+    assert not (tmp_path / "dry").exists()

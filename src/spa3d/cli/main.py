@@ -97,7 +97,7 @@ def _cmd_initial_model(a) -> None:
                             ctf_phase_flipped=a.ctf_phase_flipped, healpix_order=order, offset_range=a.offset_range,
                             offset_step=a.offset_step, schedule=sched, write_iter=a.sgd_write_iter, seed=a.seed,
                             incr_size=a.incr_size, step_size=a.sgd_stepsize, momentum=a.mu, final_em=a.final_em,
-                            workers=a.workers, dask_scheduler=a.dask_scheduler, device=a.device, threads=a.threads)
+                            exhaustive=a.exhaustive_search, dry_run=a.dry_run, workers=a.workers, dask_scheduler=a.dask_scheduler, device=a.device, threads=a.threads)
     from spa3d.jobs.progress import setup_logging
 
     setup_logging(quiet=a.quiet)
@@ -124,7 +124,7 @@ INITIAL_MODEL_OPTIONS = {"K": "n_classes", "sym": "symmetry", "particle_diameter
                          "sgd_fin_resol": "schedule.fin_resol", "sgd_ini_subset": "schedule.ini_subset",
                          "sgd_fin_subset": "schedule.fin_subset", "sgd_write_iter": "write_iter",
                          "incr_size": "incr_size", "sgd_stepsize": "step_size", "mu": "momentum", "final_em": "final_em",
-                         "exhaustive_search": "exhaustive",
+                         "exhaustive_search": "exhaustive", "dry_run": "dry_run",
                          "seed": "seed", "device": "device", "threads": "threads", "workers": "workers",
                          "dask_scheduler": "dask_scheduler"}
 
@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-em", type=int, default=1,
                    help="the last N iterations are EM steps over all particles, offsets searched at half the "
                         "step (default 1; 0 is RELION's behaviour)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the expected wall time, peak memory and poses per particle (from a short "
+                        "calibration on this machine) and stop; every run logs this estimate first")
     p.add_argument("--exhaustive-search", action="store_true",
                    help="score every pose at the fine sampling (default: coarse-to-fine, RELION's adaptive "
                         "oversampling: a coarse pass at the --angular-sampling step, then the significant poses' "
@@ -446,6 +449,11 @@ def _continued_job_dir(args) -> str | None:
 
 
 def _run_job(args) -> None:
+    if getattr(args, "dry_run", False):  # an estimate only: no job directory, no pipeline entry, no report
+        if getattr(args, "o", None) is None:
+            args.o = _continued_job_dir(args) or "."
+        args.func(args)
+        return
     if args.job in PROJECT_JOBS and getattr(args, "project", None):
         from spa3d.jobs.pipeline import job_nodes, project_job
 

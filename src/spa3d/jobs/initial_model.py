@@ -29,6 +29,7 @@ from spa3d.io.atomic_write import atomic_path, ensure_writable_dir
 from spa3d.io.mrc import write_map
 from spa3d.io.particles import ParticleSet
 from spa3d.io.star import write_star
+from spa3d.jobs.estimate import estimate_initial_model
 from spa3d.jobs.progress import add_log_file
 from spa3d.jobs.resume import (IterationFiles, append_options_block, read_recorded, remove_stale_staging,
                                resolve_continue, restore_options, state_file)
@@ -56,6 +57,8 @@ class InitialModelOptions:
     final_em: int = 1  # the last iterations done as EM steps over all particles (spa3d's default 1; RELION 0)
     exhaustive: bool = False  # every pose at the fine sampling, instead of coarse-to-fine (RELION's oversampling)
     coarse_radius_px: float | None = None  # radius of the coarse pass (cycles per box; default RELION's rule)
+    estimate: bool = True  # log the expected wall time and memory first (a short calibration)
+    dry_run: bool = False  # only print that estimate
     seed: int = 0
     device: str | None = None
     threads: int | None = None
@@ -156,8 +159,10 @@ def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, co
 
 
 def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, cluster, input_star) -> SgdState:
-    job = ensure_writable_dir(job_dir)
-    add_log_file(job / "run.log")
+    job = Path(job_dir)
+    if not o.dry_run:
+        ensure_writable_dir(job)
+        add_log_file(job / "run.log")
     remove_stale_staging(job)
     device = select_device(o.device, o.threads)
     sched = o.schedule or SgdSchedule()
@@ -209,6 +214,12 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
                f"translations around the significant ones")
     log.info(f"initial model: {len(ps)} particles, box {ps.box}, {apix:.3f} Å/px, K={o.n_classes}, {how}, "
              f"{sched.total} iterations")
+    if o.estimate or o.dry_run:
+        est = estimate_initial_model(ps, state, opts, sched, device)
+        for line in est.lines():
+            log.info(line)
+        if o.dry_run:
+            return state
     poses: dict[int, tuple] = {}
     start = time.perf_counter()
     first_it = state.iteration

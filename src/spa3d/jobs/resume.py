@@ -40,7 +40,7 @@ log = logging.getLogger("spa3d")
 
 OPTIONS_BLOCK = "optimiser_spa3d_options"
 #: where a job runs, not what it computes: not restored by --continue
-NOT_RESTORED = frozenset({"device", "dask_scheduler"})
+NOT_RESTORED = frozenset({"device", "dask_scheduler", "dry_run", "estimate"})
 
 
 def flat_options(o) -> dict:

@@ -1,0 +1,117 @@
+"""Expected wall time, peak memory and poses searched, before a job runs (``--dry-run``, and run.log's first lines).
+
+The estimate comes from a short calibration on the job's own particles and
+machine: real iterations of the job's hot path are timed on copies of its
+state (with their own random numbers, so the run itself is unchanged), and
+the schedule is summed from them. Memory is the process's peak resident size
+during the calibration (the job streams its particles, so the peak does not
+grow with their number) and, on a GPU, torch's peak allocation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Estimate:
+    """What a job is expected to take on this machine."""
+
+    wall_s: float  # seconds
+    host_peak_bytes: int
+    gpu_peak_bytes: int  # 0 on CPU
+    poses_per_particle: float  # (class, rotation, translation) samples scored per particle and iteration, mean
+    calibration_s: float
+
+    def lines(self) -> list[str]:
+        gpu = f", GPU {self.gpu_peak_bytes / 2**30:.1f} GiB" if self.gpu_peak_bytes else ""
+        return [f"estimate: {_duration(self.wall_s)} wall time, peak memory {self.host_peak_bytes / 2**30:.1f} GiB"
+                f"{gpu}, {self.poses_per_particle:,.0f} poses scored per particle and iteration "
+                f"(from a {self.calibration_s:.1f} s calibration on this machine)"]
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _host_peak() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def estimate_initial_model(ps, state, opts, schedule, device: torch.device) -> Estimate:
+    """Estimate of an SGD initial model (:func:`spa3d.inference.sgd.sgd_iteration`) from ``state`` on.
+
+    Times the first and the last mini-batch iterations of the schedule (the
+    time of the others is interpolated as the schedule interpolates the
+    resolution and mini-batch size between them) and, when the run ends with
+    EM passes over all particles, one chunk of such a pass.
+    """
+    from spa3d.inference.sgd import _estep_minibatch, sgd_iteration
+
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(2**31 - 1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    last_sgd = schedule.total - opts.final_em
+    first = max(state.iteration + 1, 1)
+
+    def timed_iteration(it: int) -> tuple[float, float]:
+        st = copy.deepcopy(state)
+        st.iteration = it - 1
+        t = time.perf_counter()
+        out = sgd_iteration(ps, st, opts, schedule, rng)
+        return time.perf_counter() - t, float(np.mean(np.maximum(out["posterior"].n_significant, 0)))
+
+    a_it, b_it = min(first, last_sgd), last_sgd
+    total, n_sig, t_b = 0.0, [], 0.0
+    if b_it >= 1:
+        timed_iteration(a_it)  # the first call pays one-off costs (allocations, caches)
+        t_a, ns = timed_iteration(a_it)
+        n_sig.append(ns)
+        t_b = t_a
+        if b_it != a_it:
+            t_b, ns = timed_iteration(b_it)
+            n_sig.append(ns)
+        # the iterations in between: interpolated as the schedule interpolates resolution and mini-batch size
+        f_a, f_b = _schedule_fraction(schedule, a_it), _schedule_fraction(schedule, b_it)
+        for it in range(first, b_it + 1):
+            g = (_schedule_fraction(schedule, it) - f_a) / (f_b - f_a) if f_b > f_a else 0.0
+            total += t_a + g * (t_b - t_a)
+    if opts.final_em > 0 and state.iteration < schedule.total:
+        # one chunk of the full pass at the final resolution, E-step and sums only, then its reconstruction time
+        n, apix = ps.box, ps.pixel_size
+        res, _ = schedule.at(schedule.total)
+        r_cur = min(n // 2, n * apix / res + opts.incr_size)
+        chunk = np.arange(min(len(ps), 100))
+        o_full = opts if opts.final_translations is None else dataclasses.replace(
+            opts, translations=opts.final_translations)
+        t = time.perf_counter()
+        _estep_minibatch(ps, chunk, state.maps, state.sigma2, state.class_fractions, o_full, r_cur, False)
+        per_particle = (time.perf_counter() - t) / len(chunk)
+        total += opts.final_em * (per_particle * len(ps) + t_b * 0.25)
+    if opts.search is not None:
+        poses = len(opts.search.coarse_rot) * len(opts.search.coarse_trans) + 32 * float(np.mean(n_sig or [0]))
+    else:
+        poses = len(opts.rotations) * len(opts.translations)
+    gpu = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
+    return Estimate(total, _host_peak(), gpu, poses * opts.n_classes, time.perf_counter() - t_start)
+
+
+def _schedule_fraction(schedule, it: int) -> float:
+    """How far iteration ``it`` is along the schedule's ramp (0 during the initial iterations, 1 at the end)."""
+    if it <= schedule.ini_iter:
+        return 0.0
+    if it <= schedule.ini_iter + schedule.inbetween_iter:
+        return (it - schedule.ini_iter) / max(schedule.inbetween_iter, 1)
+    return 1.0
