@@ -192,3 +192,20 @@ def test_select_best_picks_the_intact_complex(mixture, classified, tmp_path, cap
     truth = dict(zip(names, labels))
     purity = np.mean([truth[n] == 1 for n in sel["rlnImageName"]])
     assert purity >= 0.9, f"{100 * purity:.0f}% of the selected particles are the complex"
+
+
+def test_estimate_before_launch_is_within_a_factor_of_two(mixture, classified, tmp_path):
+    """run.log starts with the expected wall time from a short calibration; the run took within 2x of it."""
+    import re
+
+    job, _, _ = classified
+    log = (job / "run.log").read_text()
+    est = re.search(r"estimate: ([\d.]+) (s|min|h) wall time, peak memory ([\d.]+) GiB, ([\d,]+) poses", log)
+    assert est, "no estimate in run.log"
+    seconds = float(est.group(1)) * {"s": 1, "min": 60, "h": 3600}[est.group(2)]
+    took = float(re.search(r"done in ([\d.]+) s", log).group(1))
+    assert 0.5 <= took / seconds <= 2.0, f"estimate {seconds:.1f} s, run {took:.1f} s"
+    d, _ = mixture
+    assert main(["class3d", "--i", str(d / "picked.star"), "--ref", str(d / "reference.mrc"), "--o",
+                 str(tmp_path / "dry"), "--K", "3", "--iter", "6", "--healpix-order", "1", "--dry-run", "--quiet"]) == 0
+    assert not (tmp_path / "dry").exists()

@@ -97,7 +97,8 @@ def _cmd_initial_model(a) -> None:
                             ctf_phase_flipped=a.ctf_phase_flipped, healpix_order=order, offset_range=a.offset_range,
                             offset_step=a.offset_step, schedule=sched, write_iter=a.sgd_write_iter, seed=a.seed,
                             incr_size=a.incr_size, step_size=a.sgd_stepsize, momentum=a.mu, final_em=a.final_em,
-                            exhaustive=a.exhaustive_search, dry_run=a.dry_run, workers=a.workers, dask_scheduler=a.dask_scheduler, device=a.device, threads=a.threads)
+                            exhaustive=a.exhaustive_search, dry_run=a.dry_run, workers=a.workers,
+                            dask_scheduler=a.dask_scheduler, device=a.device, threads=a.threads)
     from spa3d.jobs.progress import setup_logging
 
     setup_logging(quiet=a.quiet)
@@ -114,7 +115,8 @@ CLASS3D_OPTIONS = {"K": "n_classes", "iter": "n_iter", "tau2_fudge": "tau2_fudge
                    "ctf_phase_flipped": "ctf_phase_flipped", "firstiter_cc": "firstiter_cc", "sym": "symmetry",
                    "strict_highres_exp": "strict_highres_exp", "skip_align": "skip_align", "sigma_ang": "sigma_ang",
                    "fast_subsets": "fast_subsets", "batch_size": "batch_size", "seed": "seed", "device": "device",
-                   "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler"}
+                   "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler",
+                   "dry_run": "dry_run"}
 INITIAL_MODEL_OPTIONS = {"K": "n_classes", "sym": "symmetry", "particle_diameter": "particle_diameter",
                          "flatten_solvent": "flatten_solvent", "ctf": "ctf", "ctf_intact_first_peak": "ctf_intact_first_peak",
                          "ctf_phase_flipped": "ctf_phase_flipped", "angular_sampling": "healpix_order",
@@ -146,7 +148,7 @@ def _cmd_class3d(a) -> None:
                        ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak, ctf_phase_flipped=a.ctf_phase_flipped,
                        firstiter_cc=a.firstiter_cc, symmetry=a.sym, strict_highres_exp=a.strict_highres_exp,
                        skip_align=a.skip_align, sigma_ang=a.sigma_ang, fast_subsets=a.fast_subsets,
-                       batch_size=a.batch_size, seed=a.seed,
+                       batch_size=a.batch_size, seed=a.seed, dry_run=a.dry_run,
                        device=a.device, threads=a.threads, workers=a.workers, dask_scheduler=a.dask_scheduler)
     setup_logging(quiet=a.quiet)
     logging.getLogger("spa3d").info(" ".join(a.command_line))
@@ -323,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-subsets", action="store_true",
                    help="random subsets in the first 15 iterations: K*1500, K*4500 particles, then 30%%")
     p.add_argument("--batch-size", type=int, default=None, help="particles per batch (default: from free memory)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the expected wall time, peak memory and poses per particle (from a short "
+                        "calibration on this machine) and stop; every run logs this estimate first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--continue", dest="continue_from", default=None,
                    help="run_itNNN_optimiser.star, or a job directory (its last complete iteration), to continue "

@@ -58,8 +58,8 @@ from spa3d.io.mrc import read_map, write_map
 from spa3d.io.particles import ParticleSet
 from spa3d.io.star import read_star, write_star
 from spa3d.jobs.progress import Progress, add_log_file
-from spa3d.jobs.resume import (IterationFiles, append_options_block, read_recorded, remove_stale_staging,
-                               resolve_continue, restore_options, state_file)
+from spa3d.jobs.resume import (IterationFiles, append_options_block, prepare_continue, remove_stale_staging,
+                               state_file)
 
 log = logging.getLogger("spa3d")
 
@@ -100,6 +100,8 @@ class Class3dOptions:
     threads: int | None = None
     workers: int = 0  # > 0: run the E-step on a local Dask cluster of this many worker processes
     dask_scheduler: str | None = None  # address of an existing dask.distributed scheduler
+    estimate: bool = True  # log the expected wall time and memory first (a short calibration)
+    dry_run: bool = False  # only print that estimate
 
 
 @dataclass
@@ -186,9 +188,8 @@ def _batch_size(o: Class3dOptions, k_cls: int, n_coarse: int, device: torch.devi
 
 def _write_iteration(job: Path, ps: ParticleSet, maps: np.ndarray, st: Class3dState, o: Class3dOptions,
                      class_info: dict) -> None:
-    it, apix, n = st.iteration, ps.pixel_size, ps.box
-    k_cls = len(maps)
-    with IterationFiles(job, it) as files:
+    """Write iteration ``st.iteration``'s files; they appear together, the optimiser.star last."""
+    with IterationFiles(job, st.iteration) as files:
         _write_iteration_files(files, job, ps, maps, st, o, class_info)
 
 
@@ -471,14 +472,7 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
     """
     o = dataclasses.replace(o)  # the run's own copy (it records e.g. the batch size it chose)
     if continue_from:
-        Path(job_dir).mkdir(parents=True, exist_ok=True)
-        add_log_file(Path(job_dir) / "run.log")  # the changes of options below belong in the job's log
-        continue_from = str(resolve_continue(continue_from))
-        recorded = read_recorded(continue_from)
-        o = restore_options(o, given, recorded, {"n_classes"}, continue_from)
-        first = recorded.get("input_star")
-        if star and first and Path(star).resolve() != Path(first):
-            raise InputError(star, f"--continue: the run's particles are {first}; they cannot change")
+        continue_from, o, _ = prepare_continue(o, continue_from, job_dir, star, given, {"n_classes"})
     cluster = None
     if o.workers or o.dask_scheduler:
         from spa3d.backend.distributed import DaskCluster
@@ -492,8 +486,10 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
 
 
 def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
-    job = ensure_writable_dir(job_dir)
-    add_log_file(job / "run.log")
+    job = Path(job_dir)
+    if not o.dry_run:
+        ensure_writable_dir(job)
+        add_log_file(job / "run.log")
     device = select_device(o.device, o.threads)
     if o.n_classes < 1:
         raise InputError(None, "--K must be at least 1")
@@ -569,6 +565,12 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
              f"{o.n_iter} iterations; search {angular_step(o.healpix_order + 1):.1f}° "
              f"(the first {n_warm} at {angular_step(o.healpix_order):.1f}°), {len(coarse_t)} -> {len(fine_t)} "
              f"translations, batches of {bs}, device {device}")
+    if o.estimate or o.dry_run:
+        est = _estimate(ps, maps, st, o, bs, device, n_warm, diameter, radius_px, groups, n_groups)
+        for line in est.lines():
+            log.info(line)
+        if o.dry_run:
+            return maps, st
     start = time.perf_counter()
     first_it = st.iteration
     # radius (cycles per box) up to which the current maps hold data: the initial low-pass, then the E-step radius
@@ -700,6 +702,60 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
                  f"{n_used / (time.perf_counter() - t_it):.0f} particles/s, {left:.0f} s left")
     log.info(f"done in {time.perf_counter() - start:.1f} s: {job / f'run_it{st.iteration:03d}_model.star'}")
     return maps, st
+
+
+def _estimate(ps, maps, st, o: Class3dOptions, bs: int, device, n_warm: int, diameter: float, radius_px: float,
+              groups: np.ndarray, n_groups: int):
+    """Expected wall time, peak memory and poses of the remaining iterations (see :mod:`spa3d.jobs.estimate`).
+
+    Times the E-step and M-step sums on one batch of particles at the next iteration's radius and at the
+    radius two iterations later (``incr_size`` shells per iteration, at most one shell inside Nyquist), and
+    one reconstruction. The E-step radius is taken to grow that way and then to stay (the resolution of a
+    classification stops growing after a few iterations; where it goes on, the estimate is low); the time
+    per particle is a + b·radius² between the two timings.
+    """
+    from spa3d.jobs.estimate import Estimate, host_peak_bytes
+
+    t0 = time.perf_counter()
+    n, apix = ps.box, ps.pixel_size
+    k_cls = len(maps)
+    sel = np.arange(min(len(ps), bs, 64))
+    r_lo = float(min(n // 2 - 1, st.r_current))
+    r_hi = float(min(n // 2 - 1, r_lo + 2 * o.incr_size))
+    cal = dataclasses.replace(o, fast_subsets=False)
+
+    def timed(order: int, r_cur: float):
+        ch = EStepChunk(str(ps.star_path), str(ps.project_dir), sel, 0, len(sel), st.iteration + 1, o.seed, maps,
+                        st.sigma2, st.class_fractions, st.sigma_offset_px, st.offsets_px[sel], st.angles[sel],
+                        st.group_scale[groups][sel], groups[sel], n_groups, np.full(len(sel), -1), cal, order, r_cur,
+                        o.coarse_radius_px or coarse_radius(order, diameter, n, apix), False, radius_px, str(device))
+        t = time.perf_counter()
+        res = estep_chunk(ch)
+        return (time.perf_counter() - t) / len(sel), res
+
+    timed(o.healpix_order, r_lo)  # one-off costs
+    per_lo, _ = timed(o.healpix_order, r_lo)
+    per_hi, res = timed(o.healpix_order, r_hi)
+    bp = BackProjector(n, r_max=r_hi, device=device)
+    bp.acc = res.acc[0].to(device)
+    t = time.perf_counter()
+    bp.reconstruct(tau2=np.ones(n // 2 + 1), unregularised_where_tau2_zero=True)
+    t_rec = time.perf_counter() - t
+    slope = (per_hi - per_lo) / max(r_hi**2 - r_lo**2, 1e-9)
+    rng = np.random.default_rng(0)
+    total, r = 0.0, r_lo
+    for it in range(st.iteration + 1, o.n_iter + 1):
+        per = per_lo + slope * (r**2 - r_lo**2)
+        if it <= n_warm:
+            per /= 4  # a HEALPix order coarser: 8× fewer rotations, the fine pass's cost stays
+        total += per * len(iteration_subset(o, it, len(ps), rng)) + k_cls * t_rec
+        r = min(r_hi, r + o.incr_size)
+    n_sig = np.maximum(res.n_significant, 0).mean()
+    coarse_t, _ = oversampled_translations(o.offset_range, o.offset_step)
+    n_rc = len(oversampled_orientations(o.healpix_order, o.symmetry)[0])
+    poses = k_cls * len(coarse_t) * n_rc + 32 * float(n_sig)
+    gpu = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
+    return Estimate(total, host_peak_bytes(), gpu, poses, time.perf_counter() - t0)
 
 
 def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps, allowed):

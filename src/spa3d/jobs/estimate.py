@@ -45,7 +45,7 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def _host_peak() -> int:
+def host_peak_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
@@ -105,7 +105,7 @@ def estimate_initial_model(ps, state, opts, schedule, device: torch.device) -> E
     else:
         poses = len(opts.rotations) * len(opts.translations)
     gpu = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
-    return Estimate(total, _host_peak(), gpu, poses * opts.n_classes, time.perf_counter() - t_start)
+    return Estimate(total, host_peak_bytes(), gpu, poses * opts.n_classes, time.perf_counter() - t_start)
 
 
 def _schedule_fraction(schedule, it: int) -> float:

@@ -31,8 +31,8 @@ from spa3d.io.particles import ParticleSet
 from spa3d.io.star import write_star
 from spa3d.jobs.estimate import estimate_initial_model
 from spa3d.jobs.progress import add_log_file
-from spa3d.jobs.resume import (IterationFiles, append_options_block, read_recorded, remove_stale_staging,
-                               resolve_continue, restore_options, state_file)
+from spa3d.jobs.resume import (IterationFiles, append_options_block, prepare_continue, remove_stale_staging,
+                               state_file)
 
 log = logging.getLogger("spa3d")
 
@@ -137,14 +137,7 @@ def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, co
     o = dataclasses.replace(o, schedule=dataclasses.replace(o.schedule or SgdSchedule()))
     input_star = str(Path(star).resolve()) if star else None
     if continue_from:
-        Path(job_dir).mkdir(parents=True, exist_ok=True)
-        add_log_file(Path(job_dir) / "run.log")  # the changes of options below belong in the job's log
-        continue_from = str(resolve_continue(continue_from))
-        recorded = read_recorded(continue_from)
-        o = restore_options(o, given, recorded, {"n_classes"}, continue_from)
-        first = recorded.get("input_star")
-        if star and first and Path(star).resolve() != Path(first):
-            raise InputError(star, f"--continue: the run's particles are {first}; they cannot change")
+        continue_from, o, first = prepare_continue(o, continue_from, job_dir, star, given, {"n_classes"})
         input_star = first or input_star
     cluster = None
     if o.workers or o.dask_scheduler:

@@ -233,3 +233,23 @@ def remove_stale_staging(job_dir: str | os.PathLike) -> None:
     """Remove staging directories a killed run left behind."""
     for p in Path(job_dir).glob(".staging_it*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def prepare_continue(o, continue_from: str | os.PathLike, job_dir: str | os.PathLike, star: str | None,
+                     given: set[str] | None, fixed: set[str]):
+    """What a resumed job starts from: (the optimiser.star, the run's options, its input STAR file or None).
+
+    Opens the job's run.log first, so that the changes of options are logged
+    there; ``star`` (the particles given again, if any) must be the run's.
+    """
+    from spa3d.jobs.progress import add_log_file
+
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    add_log_file(Path(job_dir) / "run.log")
+    optimiser = resolve_continue(continue_from)
+    recorded = read_recorded(optimiser)
+    o = restore_options(o, given, recorded, fixed, optimiser)
+    first = recorded.get("input_star")
+    if star and first and Path(star).resolve() != Path(first):
+        raise InputError(star, f"--continue: the run's particles are {first}; they cannot change")
+    return str(optimiser), o, first
