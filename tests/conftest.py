@@ -108,3 +108,19 @@ def write_mixture(d, n: int, seed: int, fractions=(0.5, 0.3, 0.2)):
              SimulationOptions(n_particles=n, snr=0.1, seed=seed, fractions=list(fractions)))
     write_map(d / "reference.mrc", 7.0 * lowpass(maps[0], 2.0, 50.0), 2.0)
     return maps
+
+
+def check_estimate(job_dir) -> dict:
+    """Read the estimate a job logged first and its real run time from ``job_dir/run.log``; assert they agree
+    within a factor of 2. Returns {"seconds", "took", "memory_gib", "poses"}."""
+    import re
+    from pathlib import Path
+
+    log = (Path(job_dir) / "run.log").read_text()
+    est = re.search(r"estimate: ([\d.]+) (s|min|h) wall time, peak memory ([\d.]+) GiB, ([\d,]+) poses", log)
+    assert est, "no estimate in run.log"
+    seconds = float(est.group(1)) * {"s": 1, "min": 60, "h": 3600}[est.group(2)]
+    took = float(re.search(r"done in ([\d.]+) s", log).group(1))
+    assert 0.5 <= took / seconds <= 2.0, f"estimate {seconds:.1f} s, run {took:.1f} s"
+    return {"seconds": seconds, "took": took, "memory_gib": float(est.group(3)),
+            "poses": int(est.group(4).replace(",", ""))}

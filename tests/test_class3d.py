@@ -11,7 +11,7 @@ from spa3d.fourier.filters import lowpass
 from spa3d.io.mrc import read_map, write_map
 from spa3d.io.star import read_star, write_star
 from spa3d.jobs.class3d import Class3dOptions, run_class3d
-from conftest import write_mixture
+from conftest import check_estimate, write_mixture
 
 
 @pytest.fixture(scope="module")
@@ -196,15 +196,8 @@ def test_select_best_picks_the_intact_complex(mixture, classified, tmp_path, cap
 
 def test_estimate_before_launch_is_within_a_factor_of_two(mixture, classified, tmp_path):
     """run.log starts with the expected wall time from a short calibration; the run took within 2x of it."""
-    import re
-
     job, _, _ = classified
-    log = (job / "run.log").read_text()
-    est = re.search(r"estimate: ([\d.]+) (s|min|h) wall time, peak memory ([\d.]+) GiB, ([\d,]+) poses", log)
-    assert est, "no estimate in run.log"
-    seconds = float(est.group(1)) * {"s": 1, "min": 60, "h": 3600}[est.group(2)]
-    took = float(re.search(r"done in ([\d.]+) s", log).group(1))
-    assert 0.5 <= took / seconds <= 2.0, f"estimate {seconds:.1f} s, run {took:.1f} s"
+    check_estimate(job)
     d, _ = mixture
     assert main(["class3d", "--i", str(d / "picked.star"), "--ref", str(d / "reference.mrc"), "--o",
                  str(tmp_path / "dry"), "--K", "3", "--iter", "6", "--healpix-order", "1", "--dry-run", "--quiet"]) == 0

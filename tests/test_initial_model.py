@@ -9,6 +9,7 @@ from spa3d.inference.sgd import SgdSchedule
 from spa3d.io.mrc import read_map
 from spa3d.io.star import read_star
 from spa3d.maps.align import superpose
+from conftest import check_estimate
 
 SHORT = ["--sgd-ini-iter", "4", "--sgd-inbetween-iter", "12", "--sgd-fin-iter", "4", "--sgd-ini-subset", "100",
          "--sgd-fin-subset", "200", "--sgd-write-iter", "10", "--particle-diameter", "110", "--seed", "3"]
@@ -75,15 +76,8 @@ def test_bad_input(im_data, tmp_path, capsys):
 
 def test_estimate_before_launch_is_within_a_factor_of_two(im_data, im_run, tmp_path, capsys):
     """run.log starts with the expected wall time (a short calibration on this machine); the run took within 2x."""
-    import re
-
-    log = (im_run / "run.log").read_text()
-    est = re.search(r"estimate: ([\d.]+) (s|min|h) wall time, peak memory ([\d.]+) GiB, ([\d,]+) poses", log)
-    assert est, "no estimate in run.log"
-    seconds = float(est.group(1)) * {"s": 1, "min": 60, "h": 3600}[est.group(2)]
-    took = float(re.search(r"done in ([\d.]+) s", log).group(1))
-    assert 0.5 <= took / seconds <= 2.0, f"estimate {seconds:.1f} s, run {took:.1f} s"
-    assert 0.05 < float(est.group(3)) < 16 and int(est.group(4).replace(",", "")) > 576
+    est = check_estimate(im_run)
+    assert 0.05 < est["memory_gib"] < 16 and est["poses"] > 576
     # --dry-run prints the same estimate and writes nothing
     assert main(["initial-model", "--i", str(im_data / "particles.star"), "--o", str(tmp_path / "dry"), *SHORT,
                  "--dry-run"]) == 0

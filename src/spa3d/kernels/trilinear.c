@@ -58,6 +58,24 @@ void trilinear_scatter_grid(float *acc, int64_t dz, int64_t dy, int64_t dx, cons
     }
 }
 
+/* taps_along: o[0..len) = sum over j in [-r, r] with 0 <= i + j < n of k[j + r] * src[(i + j) * stride + 0..len):
+ * one output line of a convolution along an axis whose neighbouring lines lie stride floats apart. */
+static void taps_along(float *o, const float *src, int64_t i, int64_t n, int64_t stride, int64_t len, const float *k,
+                       int64_t r)
+{
+    for (int64_t x = 0; x < len; x++)
+        o[x] = 0.0f;
+    for (int64_t j = -r; j <= r; j++) {
+        const int64_t ii = i + j;
+        if (ii < 0 || ii >= n)
+            continue;
+        const float kk = k[j + r];
+        const float *line = src + ii * stride;
+        for (int64_t x = 0; x < len; x++)
+            o[x] += kk * line[x];
+    }
+}
+
 /* smooth_half: separable convolution with a symmetric kernel k[0..2r] of a
  * half grid a[z][y][x] (dz, dy, dx; z and y centred at (dz-1)/2 and
  * (dy-1)/2, x from 0) holding a function with f(-x,-y,-z) = f(x,y,z): the
@@ -94,42 +112,15 @@ void smooth_half(float *a, float *out, int64_t dz, int64_t dy, int64_t dx, const
             }
         }
     }
-    /* along y: out -> a */
+    /* along y: out -> a (rows of one plane) */
     #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t z = 0; z < dz; z++) {
-        const float *p = out + z * sz;
-        float *o = a + z * sz;
-        for (int64_t y = 0; y < dy; y++) {
-            float *oy = o + y * dx;
-            for (int64_t x = 0; x < dx; x++)
-                oy[x] = 0.0f;
-            for (int64_t j = -r; j <= r; j++) {
-                const int64_t yy = y + j;
-                if (yy < 0 || yy >= dy)
-                    continue;
-                const float kk = k[j + r];
-                const float *src = p + yy * dx;
-                for (int64_t x = 0; x < dx; x++)
-                    oy[x] += kk * src[x];
-            }
-        }
-    }
-    /* along z: a -> out */
+    for (int64_t z = 0; z < dz; z++)
+        for (int64_t y = 0; y < dy; y++)
+            taps_along(a + z * sz + y * dx, out + z * sz, y, dy, dx, dx, k, r);
+    /* along z: a -> out (whole planes) */
     #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t z = 0; z < dz; z++) {
-        float *o = out + z * sz;
-        for (int64_t i = 0; i < sz; i++)
-            o[i] = 0.0f;
-        for (int64_t j = -r; j <= r; j++) {
-            const int64_t zz = z + j;
-            if (zz < 0 || zz >= dz)
-                continue;
-            const float kk = k[j + r];
-            const float *src = a + zz * sz;
-            for (int64_t i = 0; i < sz; i++)
-                o[i] += kk * src[i];
-        }
-    }
+    for (int64_t z = 0; z < dz; z++)
+        taps_along(out + z * sz, a, z, dz, sz, sz, k, r);
 }
 
 /* density_iteration: one step of the density compensation of a half grid
