@@ -10,7 +10,7 @@ setup(
     ext_modules=[
         Extension(
             "spa3d.kernels._trilinear",
-            sources=["src/spa3d/kernels/trilinear.c"],
+            sources=["src/spa3d/kernels/trilinear.c", "src/spa3d/kernels/posterior.c"],
             extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp"],
             extra_link_args=["-fopenmp"],
             optional=True,

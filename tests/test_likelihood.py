@@ -90,3 +90,50 @@ def test_single_precision_posteriors_match_double_precision(truth_map):
     print(f"float32 vs float64 posterior total variation: max {diff:.2e}")
     assert diff < 1e-2, f"total variation between float32 and float64 posteriors: {diff:.2e}"
     assert torch.equal(post[torch.float32].argmax(1), post[torch.float64].argmax(1))
+
+
+def test_coarse_posterior_kernel_matches_torch_selection():
+    """The compiled coarse-pass kernel gives the log-posteriors and significant sets of the torch formulation.
+
+    Direct sums for log L, translation, rotation and class priors, a class restriction, posteriors from sharp
+    (one sample) to flat (capped at 256 samples).
+    """
+    import pytest
+
+    from spa3d import kernels
+    from spa3d.inference.likelihood import coarse_terms
+    from spa3d.inference.search import significant_samples
+
+    if not kernels.have_compiled_kernels():
+        pytest.skip("compiled kernels not built (no C compiler)")
+    gen = torch.Generator().manual_seed(0)
+    n, b, r, k_cls = 16, 6, 40, 3
+    px = FourierPixels.make(n, 6)
+    p = len(px.index)
+    x = torch.complex(torch.randn(b, p, generator=gen), torch.randn(b, p, generator=gen))
+    refs = [torch.complex(torch.randn(r, p, generator=gen), torch.randn(r, p, generator=gen)) for _ in range(k_cls)]
+    c = torch.rand(b, p, generator=gen)
+    # images scaled from sharp to flat posteriors
+    w = px.multiplicity.float()
+    shifts = torch.tensor(translation_grid(2, 1), dtype=torch.float32)
+    ph = px.shift_phases(shifts)
+    scale = torch.logspace(1, -4, b)[:, None]
+    cross, half_power, norm_x = coarse_terms(x * scale.sqrt(), c, w, refs, ph)
+    ll_direct = log_likelihoods(x[:1] * scale[0].sqrt(), c[:1], w, refs[1], ph)[0]
+    torch.testing.assert_close(cross[1, 0] - half_power[1, 0][None] - 0.5 * norm_x[0], ll_direct, rtol=1e-4, atol=1e-2)
+    row_const = (-0.5 * norm_x)[:, None] + torch.log(torch.tensor([0.5, 0.3, 0.2]))[None]
+    row_const[2, 0] = -torch.inf  # image 2 may only take classes 1 and 2
+    prior_t = -(shifts**2).sum(1)[None].expand(b, -1).contiguous() / 8
+    prior_r = -torch.rand(b, r, generator=gen)
+    ll = (cross - half_power[:, :, None, :] + row_const.T[:, :, None, None] + prior_t[None, :, :, None]
+          + prior_r[None, :, None, :]).transpose(0, 1).reshape(b, -1)
+    img_t, flat_t, n_t, cov_t = significant_samples(ll, 0.999, 256)
+    img_k, flat_k, n_k, cov_k, mx, log_z = kernels.coarse_significant(
+        cross, half_power, row_const.contiguous(), prior_t, prior_r.contiguous(), 0.999, 256)
+    torch.testing.assert_close(cross.transpose(0, 1).reshape(b, -1), ll, rtol=1e-5, atol=1e-3)
+    assert n_k.tolist() == n_t.tolist() and n_k[0] < 10 and n_k[-1] == 256
+    assert torch.equal(img_k, img_t)
+    assert set(flat_k.tolist()) == set(flat_t.tolist())
+    torch.testing.assert_close(cov_k, cov_t, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mx + log_z, torch.logsumexp(ll, 1), rtol=1e-5, atol=1e-3)
+    assert not bool((flat_k[img_k == 2] < len(shifts) * r).any())  # nothing in the forbidden class

@@ -74,6 +74,31 @@ def log_likelihoods(images: torch.Tensor, ctf: torch.Tensor | None, weights: tor
     return -0.5 * (norm_x[:, None, None] - 2 * cross + power[:, None, :])
 
 
+def coarse_terms(images: torch.Tensor, ctf: torch.Tensor, weights: torch.Tensor, projections: list[torch.Tensor],
+                 phases: torch.Tensor):
+    """The terms of :func:`log_likelihoods` for K references, laid out for the coarse pass's kernel.
+
+    Returns cross (K, B, T, R) = Re Σ_p conj(w C X S_t)·P_r (one real GEMM per class, all classes sharing the
+    shifted, weighted images), half_power (K, B, R) = Σ_p w C² |P_r|² / 2 and norm_x (B,) = Σ_p w |X|²,
+    so that log L(b, k, t, r) = cross − half_power − norm_x / 2.
+    """
+    b, p = images.shape
+    t = phases.shape[0]
+    a = (images[:, None, :] * phases[None]) * (ctf * weights)[:, None, :]  # (B, T, P)
+    a_ri = torch.view_as_real(a).reshape(b * t, 2 * p)  # interleaved (re, im): Σ a_r p_r + a_i p_i
+    cw2 = ctf * ctf * weights
+    r = projections[0].shape[0]
+    cross = torch.empty((len(projections), b * t, r), dtype=torch.float32, device=images.device)
+    half_power = torch.empty((len(projections), b, r), dtype=torch.float32, device=images.device)
+    for k, proj in enumerate(projections):
+        proj = proj.to(torch.complex64).contiguous()
+        torch.mm(a_ri, torch.view_as_real(proj).reshape(r, 2 * p).T, out=cross[k])
+        torch.mm(cw2, (proj.real**2 + proj.imag**2).T, out=half_power[k])
+    half_power *= 0.5
+    norm_x = ((images.real**2 + images.imag**2) * weights).sum(1)
+    return cross.reshape(len(projections), b, t, r), half_power, norm_x
+
+
 def gemm_flops(b: int, t: int, r: int, p: int) -> int:
     """FLOPs of the two products in :func:`log_likelihoods`."""
     return 2 * (b * t) * (2 * p) * r + 2 * b * p * r

@@ -32,7 +32,7 @@ import torch
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.fourier.projector import Projector
-from spa3d.inference.likelihood import FourierPixels, log_likelihoods
+from spa3d.inference.likelihood import FourierPixels, coarse_terms
 
 
 @dataclass
@@ -173,28 +173,26 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     cc = px_coarse.take(ctf_full)
     wc = _pixel_weights(px_coarse, sigma2_shell, hard)
     phases_c = px_coarse.shift_phases(grid.coarse_trans)
-    lls = []
-    for k in range(k_cls):
-        if hard:
+    if hard:  # cross-correlation; the best coarse sample only
+        lls = []
+        for k in range(k_cls):
             ll = _cc_scores(xc, cc, wc, coarse_refs[k], phases_c)
-        else:
-            ll = log_likelihoods(xc, cc, wc, coarse_refs[k], phases_c)
-            ll = ll + prior_t(old_offsets[:, None, :] + grid.coarse_trans[None])[:, :, None]
-            ll = ll + log_class_prior[k]
-        if local:
-            ll = ll + prior_r(grid.coarse_rot, None)[:, None, :]
-        if allowed_class is not None:
-            ok = (allowed_class < 0) | (allowed_class == k)
-            ll = ll.masked_fill(~ok[:, None, None], -torch.inf)
-        lls.append(ll)
-    ll = torch.stack(lls, dim=1).reshape(b, -1)  # (B, K·Tc·Rc)
-    if hard:  # the best coarse sample only
-        flat = ll.argmax(1)
+            if local:
+                ll = ll + prior_r(grid.coarse_rot, None)[:, None, :]
+            if allowed_class is not None:
+                ok = (allowed_class < 0) | (allowed_class == k)
+                ll = ll.masked_fill(~ok[:, None, None], -torch.inf)
+            lls.append(ll)
+        ll = torch.stack(lls, dim=1)  # (B, K, Tc, Rc)
+        flat = ll.reshape(b, -1).argmax(1)
         img = torch.arange(b, device=dev)
         n_sig = torch.ones(b, dtype=torch.long, device=dev)
         broad = torch.zeros(b, dtype=torch.bool, device=dev)
     else:
-        img, flat, n_sig, covered = significant_samples(ll, adaptive_fraction, max_significant)
+        ll, img, flat, n_sig, covered = _coarse_posterior(
+            xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowed_class,
+            prior_t(old_offsets[:, None, :] + grid.coarse_trans[None]),
+            prior_r(grid.coarse_rot, None) if local else None, adaptive_fraction, max_significant)
         # images whose posterior is too broad for the cap: marginalised over the whole coarse grid instead
         broad = covered < adaptive_fraction
         if not marginalise_broad:
@@ -212,10 +210,10 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
             "pix_shell": torch.zeros(nsh, dtype=torch.float64, device=dev)}
     if bool(broad.any()):
         sel = broad.nonzero()[:, 0]
-        _coarse_marginal(sel, ll[sel], x_full[sel], ctf_full[sel], old_offsets[sel], grid, projectors, px_fine,
+        _coarse_marginal(sel, ll[sel].reshape(len(sel), -1), x_full[sel], ctf_full[sel], old_offsets[sel], grid, projectors, px_fine,
                          sigma2_shell, k_cls, backprojectors, out, sums, residual)
         n_sig[sel] = -1
-    del ll, lls
+    del ll
     if len(img):
         _fine_pass(img, flat, b, ~broad, x_full, ctf_full, old_offsets, grid, projectors, px_fine, sigma2_shell,
                    log_class_prior, k_cls, hard, prior_t, prior_r if local else None, backprojectors, pair_chunk,
@@ -226,6 +224,37 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
                        out["trans_spread"].sqrt().cpu().numpy(), float(sums["off_sq"]),
                        sums["res_shell"].cpu().numpy(), sums["pix_shell"].cpu().numpy(), out["xa"].cpu().numpy(),
                        out["aa"].cpu().numpy())
+
+
+def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowed_class, log_prior_t, log_prior_r,
+                      fraction, cap):
+    """Coarse log-posteriors (B, K, Tc, Rc) and the significant samples of each image.
+
+    log_prior_t: (B, Tc) translation log priors; log_prior_r: (B, Rc) or None. Returns (ll, image index, flat
+    sample index, count per image, covered mass per image) as :func:`significant_samples`. On CPU the compiled
+    kernel assembles ll in place and selects in one sweep per image; elsewhere torch does it.
+    """
+    from spa3d import kernels
+
+    k_cls = len(coarse_refs)
+    cross, half_power, norm_x = coarse_terms(xc, cc, wc, coarse_refs, phases_c)
+    row_const = (-0.5 * norm_x)[:, None] + log_class_prior[None, :].to(norm_x.dtype)  # (B, K)
+    if allowed_class is not None:
+        ok = (allowed_class[:, None] < 0) | (allowed_class[:, None] == torch.arange(k_cls, device=xc.device))
+        row_const = row_const.masked_fill(~ok, -torch.inf)
+    row_const, log_prior_t = row_const.contiguous(), log_prior_t.contiguous()
+    if log_prior_r is not None:
+        log_prior_r = log_prior_r.contiguous()
+    res = kernels.coarse_significant(cross, half_power, row_const, log_prior_t, log_prior_r, fraction, cap)
+    if res is not None:
+        img, flat, n_sig, covered = res[:4]
+        return cross.transpose(0, 1), img, flat, n_sig, covered
+    ll = cross - half_power[:, :, None, :] + row_const.T[:, :, None, None] + log_prior_t[None, :, :, None]
+    if log_prior_r is not None:
+        ll = ll + log_prior_r[None, :, None, :]
+    ll = ll.transpose(0, 1)  # (B, K, Tc, Rc)
+    img, flat, n_sig, covered = significant_samples(ll.reshape(ll.shape[0], -1), fraction, cap)
+    return ll, img, flat, n_sig, covered
 
 
 def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell,

@@ -7,6 +7,11 @@ compiler at install time) or the tensors live on a GPU.
 ``smooth_half`` is the separable Gaussian of the reconstruction's density
 compensation on a half grid (OpenMP over lines): about 8x faster than the
 torch formulation (15 shifted adds) on a box-256 grid.
+``coarse_significant`` assembles the coarse pass's log-posteriors from the
+GEMM outputs and lists each image's significant samples in one sweep per
+image (the torch formulation makes about ten passes over a B × K·T·R array
+and exponentiates all of it; on 2 cores, 512 images × 140,000 samples, the
+kernel is about 10x faster).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ def _load():
             p = here / f"_trilinear{suffix}"
             if p.exists():
                 lib = ctypes.CDLL(str(p))
-                if not hasattr(lib, "trilinear_scatter_grid"):  # a library built from an older source
+                if not hasattr(lib, "coarse_significant"):  # a library built from an older source
                     continue
                 lib.trilinear_scatter_grid.restype = None
                 lib.trilinear_scatter_grid.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -42,6 +47,9 @@ def _load():
                 lib.density_iteration.restype = None
                 lib.density_iteration.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [
                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64]
+                lib.coarse_significant.restype = None
+                lib.coarse_significant.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [
+                    ctypes.c_double, ctypes.c_int64, ctypes.c_double] + [ctypes.c_void_p] * 6 + [ctypes.c_int64]
                 _LIB = lib
                 break
     return _LIB
@@ -125,3 +133,36 @@ def density_iterations(d: torch.Tensor, w: torch.Tensor, live: torch.Tensor, ker
         lib.density_iteration(d.data_ptr(), w.data_ptr(), live.data_ptr(), t1.data_ptr(), t2.data_ptr(), dz, dy, dx,
                               k.data_ptr(), (len(k) - 1) // 2, float(floor_frac), torch.get_num_threads())
     return True
+
+
+def coarse_significant(cross: torch.Tensor, half_power: torch.Tensor, row_const: torch.Tensor, prior_t: torch.Tensor,
+                       prior_r: torch.Tensor | None, fraction: float, cap: int):
+    """Coarse log-posteriors and significant samples (see ``posterior.c``), or None when it cannot run.
+
+    cross: (K, B, T, R) float32 Re Σ conj(w·C·X·S)·P, overwritten with the log-posteriors; half_power: (K, B, R)
+    Σ w·C²|P|²/2; row_const: (B, K) −Σ w|X|²/2 + log class prior (−inf: class not allowed); prior_t: (B, T);
+    prior_r: (B, R) or None. Returns (image index, flat sample index (k·T + t)·R + r, count per image, covered
+    mass per image, max per image, log Σ exp(ll − max) per image), as :func:`spa3d.inference.search.significant_samples`.
+    """
+    lib = _load()
+    tensors = [cross, half_power, row_const, prior_t] + ([prior_r] if prior_r is not None else [])
+    if not lib or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        return None
+    k, b, t, r = cross.shape
+    s = k * t * r
+    cap = max(1, min(int(cap), s))
+    # samples more than `cut` below an image's maximum hold < s·exp(−cut) ≤ 1e-12 of its posterior together
+    cut = float(np.log(s) + 12 * np.log(10.0))
+    row_max = torch.empty(b, dtype=torch.float32)
+    log_z = torch.empty(b, dtype=torch.float64)
+    sel = torch.empty((b, cap), dtype=torch.int64)
+    sel_p = torch.empty((b, cap), dtype=torch.float32)
+    count = torch.empty(b, dtype=torch.int64)
+    covered = torch.empty(b, dtype=torch.float64)
+    lib.coarse_significant(cross.data_ptr(), half_power.data_ptr(), row_const.data_ptr(), prior_t.data_ptr(),
+                           prior_r.data_ptr() if prior_r is not None else None, k, b, t, r, float(fraction), cap, cut,
+                           row_max.data_ptr(), log_z.data_ptr(), sel.data_ptr(), sel_p.data_ptr(), count.data_ptr(),
+                           covered.data_ptr(), torch.get_num_threads())
+    keep = torch.arange(cap)[None, :] < count[:, None]
+    img = torch.arange(b)[:, None].expand(b, cap)[keep]
+    return img, sel[keep], count, covered.to(torch.float32), row_max, log_z.to(torch.float32)
