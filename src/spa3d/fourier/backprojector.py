@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from spa3d.fourier.filters import soft_sphere
 from spa3d.fourier.grid import half_plane_freqs
 from spa3d.fourier.projector import cube_halfwidth, gridding_correct, half_to_rfft_layout
-from spa3d.kernels import density_iterations, smooth_half, trilinear_scatter
+from spa3d.kernels import backproject_half, density_iterations, smooth_half, trilinear_scatter
 
 
 class BackProjector:
@@ -93,6 +93,12 @@ class BackProjector:
             self._sel = inside.nonzero()[:, 0]
             self._kxy = torch.stack([kx.reshape(-1), ky.reshape(-1)], 1)[self._sel] * self.pad  # (P, 2)
         b = rot.shape[0]
+        if not self._final:
+            sel_fts = fts.to(self.device).reshape(b, -1)[:, self._sel]
+            sel_w = (torch.ones(sel_fts.shape, dtype=torch.float32, device=self.device) if weights is None
+                     else weights.to(self.device).to(torch.float32).reshape(b, -1)[:, self._sel])
+            if backproject_half(self._acc, self.h, rot, self._kxy, sel_fts, sel_w):
+                return
         # pad * A.T @ (kx, ky, 0) for the P frequencies inside r_max: (B, P, 3)
         coords = torch.matmul(self._kxy, rot[:, :2, :]).reshape(-1, 3)
         vals = torch.view_as_real(fts.to(self.device).to(torch.complex64).reshape(b, -1)[:, self._sel]).reshape(-1, 2)
@@ -111,6 +117,10 @@ class BackProjector:
         """
         rot = torch.as_tensor(rotations, device=self.device, dtype=torch.float32)
         k = torch.stack([kx, ky], dim=1).to(self.device, torch.float32) * self.pad
+        if self._final:
+            raise RuntimeError("BackProjector: insertion after the accumulators were finalised")
+        if backproject_half(self._acc, self.h, rot, k, values.to(self.device), weights.to(self.device)):
+            return
         coords = torch.matmul(k, rot[:, :2, :]).reshape(-1, 3)
         vals = torch.view_as_real(values.to(self.device).to(torch.complex64)).reshape(-1, 2)
         self._scatter(coords, vals, weights.to(self.device).to(torch.float32).reshape(-1))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from spa3d.fourier.grid import half_plane_freqs
+from spa3d.kernels import have_compiled_kernels, project_half, sample_half
 
 
 def cube_halfwidth(n: int, pad: int, r_max: float) -> int:
@@ -106,11 +107,19 @@ class Projector:
         half = rfft_to_half_layout(ft, h)
         del ft
         self.h = h
-        # grid_sample input: (1, 2, D, D, h+1) with channels (real, imag); x = 0 .. h along the last axis
-        self._cube = torch.stack([half.real, half.imag]).to(dtype)[None].contiguous()
+        self._cube = self._cube_ri = None
+        if have_compiled_kernels() and half.device.type == "cpu" and dtype == torch.float32:
+            # the compiled kernel's input: (D, D, h+1, 2) interleaved (real, imag)
+            self._cube_ri = torch.view_as_real(half.to(torch.complex64)).contiguous()
+        else:
+            # grid_sample input: (1, 2, D, D, h+1) with channels (real, imag); x = 0 .. h along the last axis
+            self._cube = torch.stack([half.real, half.imag]).to(dtype)[None].contiguous()
 
     def _sample(self, coords: torch.Tensor) -> torch.Tensor:
         """Trilinear values (complex) at padded frequencies ``coords`` (..., 3: x, y, z), Friedel mates for x < 0."""
+        if self._cube is None:  # the compiled kernel
+            vals = sample_half(self._cube_ri, self.h, coords)
+            return vals.reshape(coords.shape[:-1]).to(torch.complex64 if self.dtype == torch.float32 else torch.complex128)
         sign = torch.where(coords[..., 0] < 0, -1.0, 1.0).to(coords.dtype)
         scale = torch.tensor([2.0 / self.h, 1.0 / self.h, 1.0 / self.h], device=self.device, dtype=coords.dtype)
         shift = torch.tensor([-1.0, 0.0, 0.0], device=self.device, dtype=coords.dtype)
@@ -124,6 +133,8 @@ class Projector:
         """Projections (R, P) at the half-plane frequencies (kx, ky) (cycles per box) only."""
         rot = torch.as_tensor(rotations, device=self.device, dtype=self.dtype)
         k = torch.stack([kx, ky], dim=1).to(self.device, self.dtype) * self.pad  # (P, 2)
+        if self._cube is None:
+            return project_half(self._cube_ri, self.h, rot, k)
         coords = torch.matmul(k, rot[:, :2, :])  # (R, P, 3) = pad * A.T @ (kx, ky, 0)
         return self._sample(coords)
 

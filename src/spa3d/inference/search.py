@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from spa3d import kernels
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.fourier.projector import Projector
@@ -234,8 +235,6 @@ def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowe
     sample index, count per image, covered mass per image) as :func:`significant_samples`. On CPU the compiled
     kernel assembles ll in place and selects in one sweep per image; elsewhere torch does it.
     """
-    from spa3d import kernels
-
     k_cls = len(coarse_refs)
     cross, half_power, norm_x = coarse_terms(xc, cc, wc, coarse_refs, phases_c)
     row_const = (-0.5 * norm_x)[:, None] + log_class_prior[None, :].to(norm_x.dtype)  # (B, K)
@@ -294,12 +293,16 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     # interleaved (re, im) real views: one real batched product gives Re Σ conj(a)·P without copies
     table_ri = torch.view_as_real(table).reshape(len(table), -1)  # (U, 2P)
     n_p = xf.shape[1]
+    cross_all = kernels.fine_cross(xf * (cf * wf), phases_f, table, img, child_t, inv)
     for s0 in range(0, n_pairs, pair_chunk):
         s1 = min(n_pairs, s0 + pair_chunk)
         ii = img[s0:s1]
-        a = (xf * (cf * wf))[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
-        proj = table_ri[inv[s0:s1]]  # (s, 8, 2P)
-        cross = torch.bmm(torch.view_as_real(a).reshape(-1, 4, 2 * n_p), proj.transpose(1, 2))  # (s, 4, 8)
+        if cross_all is not None:
+            cross = cross_all[s0:s1]
+        else:
+            a = (xf * (cf * wf))[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
+            proj = table_ri[inv[s0:s1]]  # (s, 8, 2P)
+            cross = torch.bmm(torch.view_as_real(a).reshape(-1, 4, 2 * n_p), proj.transpose(1, 2))  # (s, 4, 8)
         power = power_all[ii[:, None], inv[s0:s1]][:, None, :]  # (s, 1, 8)
         if hard:
             scores[s0:s1] = cross / power.clamp_min(1e-30).sqrt()
@@ -367,20 +370,22 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
         # sum the contributions of all images per (class, fine rotation) first: one row each to insert
         c2 = cf * cf
         n_u = len(uniq)
-        acc_ri = torch.zeros((n_u, 2 * n_p), dtype=torch.float32, device=dev)  # interleaved (re, im)
         # Σ_t p over each sample's translations, per (image, table row): the CTF² weights as one GEMM-free sum
         wrow = torch.zeros((b, n_u), dtype=torch.float32, device=dev)
         wrow.index_put_((img[:, None].expand(-1, 8), inv), post.sum(1), accumulate=True)
         xc = xf * cf
-        for s0 in range(0, n_pairs, pair_chunk):
-            s1 = min(n_pairs, s0 + pair_chunk)
-            ii = img[s0:s1]
-            pt_ = post[s0:s1].transpose(1, 2)  # (s, 8, 4)
-            xsc = xc[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
-            acc_ri.index_add_(0, inv[s0:s1].reshape(-1),
-                              torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
+        acc = kernels.fine_accumulate(xc, phases_f, post, img, child_t, inv, n_u)
+        if acc is None:
+            acc_ri = torch.zeros((n_u, 2 * n_p), dtype=torch.float32, device=dev)  # interleaved (re, im)
+            for s0 in range(0, n_pairs, pair_chunk):
+                s1 = min(n_pairs, s0 + pair_chunk)
+                ii = img[s0:s1]
+                pt_ = post[s0:s1].transpose(1, 2)  # (s, 8, 4)
+                xsc = xc[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
+                acc_ri.index_add_(0, inv[s0:s1].reshape(-1),
+                                  torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
+            acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
         acc_w = wrow.T @ c2  # (U, P)
-        acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
         if residual:  # Σ p·C·(X·S − C·P) = Σ p·C·X·S − (Σ p·C²)·P
             acc = acc - acc_w * table
         for k in range(k_cls):

@@ -7,11 +7,19 @@ compiler at install time) or the tensors live on a GPU.
 ``smooth_half`` is the separable Gaussian of the reconstruction's density
 compensation on a half grid (OpenMP over lines): about 8x faster than the
 torch formulation (15 shifted adds) on a box-256 grid.
+``project_half`` reads central slices from an interleaved half-grid cube,
+the rotation applied on the fly (about 4x faster than ``grid_sample`` on its
+planar cube); ``backproject_half`` is its transpose, the insertion of
+central slices into the half-grid accumulators (coordinates, Friedel mates
+and the scatter in one pass).
 ``coarse_significant`` assembles the coarse pass's log-posteriors from the
 GEMM outputs and lists each image's significant samples in one sweep per
 image (the torch formulation makes about ten passes over a B × K·T·R array
 and exponentiates all of it; on 2 cores, 512 images × 140,000 samples, the
 kernel is about 10x faster).
+``fine_cross`` and ``fine_accumulate`` are the fine pass's per-sample
+products (4 child translations × 8 child rotations of each significant coarse
+sample) without gathering the table rows into batched-GEMM operands.
 """
 
 from __future__ import annotations
@@ -47,6 +55,21 @@ def _load():
                 lib.density_iteration.restype = None
                 lib.density_iteration.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [
                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64]
+                lib.project_half.restype = None
+                lib.project_half.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+                lib.sample_half.restype = None
+                lib.sample_half.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_void_p, ctypes.c_int64]
+                lib.fine_cross.restype = None
+                lib.fine_cross.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64]
+                lib.fine_accumulate.restype = None
+                lib.fine_accumulate.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctypes.c_void_p,
+                                                                                               ctypes.c_int64]
+                lib.backproject_half.restype = None
+                lib.backproject_half.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                                 ctypes.c_int64]
                 lib.coarse_significant.restype = None
                 lib.coarse_significant.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [
                     ctypes.c_double, ctypes.c_int64, ctypes.c_double] + [ctypes.c_void_p] * 6 + [ctypes.c_int64]
@@ -166,3 +189,85 @@ def coarse_significant(cross: torch.Tensor, half_power: torch.Tensor, row_const:
     keep = torch.arange(cap)[None, :] < count[:, None]
     img = torch.arange(b)[:, None].expand(b, cap)[keep]
     return img, sel[keep], count, covered.to(torch.float32), row_max, log_z.to(torch.float32)
+
+
+def project_half(cube_ri: torch.Tensor, h: int, rotations: torch.Tensor, kxy_pad: torch.Tensor) -> torch.Tensor | None:
+    """Central slices (R, P) complex64 of a half-grid cube (2h+1, 2h+1, h+1, 2) at frequencies ``kxy_pad`` (P, 2).
+
+    kxy_pad: (kx, ky) in padded voxels; rotations: (R, 3, 3). None when the compiled kernel cannot run.
+    """
+    lib = _load()
+    if not lib or cube_ri.device.type != "cpu" or cube_ri.dtype != torch.float32 or not cube_ri.is_contiguous():
+        return None
+    rot = rotations.to(torch.float32).reshape(-1, 9).contiguous()
+    k = kxy_pad.to(torch.float32).contiguous()
+    out = torch.empty((rot.shape[0], k.shape[0], 2), dtype=torch.float32)
+    lib.project_half(cube_ri.data_ptr(), int(h), rot.data_ptr(), rot.shape[0], k.data_ptr(), k.shape[0],
+                     out.data_ptr(), torch.get_num_threads())
+    return torch.view_as_complex(out)
+
+
+def sample_half(cube_ri: torch.Tensor, h: int, coords: torch.Tensor) -> torch.Tensor | None:
+    """Trilinear values (M,) complex64 of a half-grid cube (as :func:`project_half`) at ``coords`` (M, 3: x, y, z)."""
+    lib = _load()
+    if not lib or cube_ri.device.type != "cpu" or cube_ri.dtype != torch.float32 or not cube_ri.is_contiguous():
+        return None
+    c = coords.to(torch.float32).reshape(-1, 3).contiguous()
+    out = torch.empty((c.shape[0], 2), dtype=torch.float32)
+    lib.sample_half(cube_ri.data_ptr(), int(h), c.data_ptr(), c.shape[0], out.data_ptr(), torch.get_num_threads())
+    return torch.view_as_complex(out)
+
+
+def _fine_args(x, phases, img, child_t, inv):
+    ok = all(t.device.type == "cpu" for t in (x, phases, img, child_t, inv))
+    if not _load() or not ok:
+        return None
+    xr = torch.view_as_real(x.to(torch.complex64).contiguous()).contiguous()
+    pr = torch.view_as_real(phases.to(torch.complex64).contiguous()).contiguous()
+    return xr, pr, img.to(torch.int64).contiguous(), child_t.to(torch.int64).contiguous(), inv.to(torch.int64).contiguous()
+
+
+def fine_cross(x: torch.Tensor, phases: torch.Tensor, table: torch.Tensor, img: torch.Tensor, child_t: torch.Tensor,
+               inv: torch.Tensor) -> torch.Tensor | None:
+    """(S, 4, 8) Re Σ_p conj(x[img]·phases[child_t[:, j]])·table[inv[:, m]] (all complex (·, P)); None if not run."""
+    args = _fine_args(x, phases, img, child_t, inv)
+    if args is None or table.device.type != "cpu":
+        return None
+    xr, pr, im, ct, iv = args
+    tr = torch.view_as_real(table.to(torch.complex64).contiguous()).contiguous()
+    out = torch.empty((len(im), 4, 8), dtype=torch.float32)
+    _LIB.fine_cross(xr.data_ptr(), pr.data_ptr(), tr.data_ptr(), im.data_ptr(), ct.data_ptr(), iv.data_ptr(), len(im),
+                    x.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def fine_accumulate(x: torch.Tensor, phases: torch.Tensor, post: torch.Tensor, img: torch.Tensor,
+                    child_t: torch.Tensor, inv: torch.Tensor, n_rows: int) -> torch.Tensor | None:
+    """(U, P) complex64 sums acc[inv[s, m]] += Σ_j post[s, j, m]·x[img[s]]·phases[child_t[s, j]]; None if not run."""
+    args = _fine_args(x, phases, img, child_t, inv)
+    if args is None or post.device.type != "cpu":
+        return None
+    xr, pr, im, ct, iv = args
+    p = post.to(torch.float32).contiguous()
+    acc = torch.zeros((n_rows, x.shape[1], 2), dtype=torch.float32)
+    _LIB.fine_accumulate(xr.data_ptr(), pr.data_ptr(), p.data_ptr(), im.data_ptr(), ct.data_ptr(), iv.data_ptr(),
+                         len(im), x.shape[1], acc.data_ptr(), torch.get_num_threads())
+    return torch.view_as_complex(acc)
+
+
+def backproject_half(acc: torch.Tensor, h: int, rotations: torch.Tensor, kxy_pad: torch.Tensor, values: torch.Tensor,
+                     weights: torch.Tensor) -> bool:
+    """Insert slices ``values`` (R, P) complex with ``weights`` (R, P) into ``acc`` (2h+1, 2h+1, h+1, 3).
+
+    kxy_pad: (P, 2) frequencies in padded voxels. Returns False (``acc`` untouched) when the kernel cannot run.
+    """
+    lib = _load()
+    if not lib or acc.device.type != "cpu" or acc.dtype != torch.float32 or not acc.is_contiguous():
+        return False
+    rot = rotations.to(torch.float32).reshape(-1, 9).contiguous()
+    k = kxy_pad.to(torch.float32).contiguous()
+    v = torch.view_as_real(values.to(torch.complex64).contiguous()).contiguous()
+    w = weights.to(torch.float32).contiguous()
+    lib.backproject_half(acc.data_ptr(), int(h), rot.data_ptr(), rot.shape[0], k.data_ptr(), k.shape[0], v.data_ptr(),
+                         w.data_ptr(), torch.get_num_threads())
+    return True

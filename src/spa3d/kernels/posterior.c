@@ -139,3 +139,126 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
         free(cand);
     }
 }
+
+/* The fine pass: for every pair s (image img[s], one significant coarse sample), its 4 child translations
+ * child_t[s][j] and 8 child rotations (table rows inv[s][m]). Images, phases and table rows are interleaved
+ * complex (re, im) arrays of n_pix pixels; the shifted image is a_j = x[img] * phases[child_t[j]].
+ *
+ * fine_cross: out[s][j][m] = Re sum_p conj(a_j) * table[inv[s][m]] (x = w C X: the likelihood's cross term).
+ * Lane-wise partial sums (8 lanes, fixed order), so the result is the same for any vector width and thread
+ * count. */
+#define LANES 8
+
+static void shifted(const float *x, const float *ph, int64_t n_pix, float *a)
+{
+    for (int64_t p = 0; p < n_pix; p++) {
+        const float xr = x[2 * p], xi = x[2 * p + 1], pr = ph[2 * p], pi = ph[2 * p + 1];
+        a[2 * p] = xr * pr - xi * pi;
+        a[2 * p + 1] = xr * pi + xi * pr;
+    }
+}
+
+/* eight-float vectors (GCC/Clang vector extension; unaligned loads): one AVX register, two SSE ones */
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+
+/* four dot products of length n of a0..a3 with row; element q goes to lane q % LANES */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void dot4(const float *a0, const float *a1, const float *a2, const float *a3, const float *row, int64_t n,
+                 float *out)
+{
+    v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    const int64_t n_main = n / LANES * LANES;
+    for (int64_t q = 0; q < n_main; q += LANES) {
+        const v8f v = *(const v8u *)(row + q);
+        s0 += *(const v8u *)(a0 + q) * v;
+        s1 += *(const v8u *)(a1 + q) * v;
+        s2 += *(const v8u *)(a2 + q) * v;
+        s3 += *(const v8u *)(a3 + q) * v;
+    }
+    for (int64_t q = n_main; q < n; q++) {
+        const float v = row[q];
+        s0[q - n_main] += a0[q] * v;
+        s1[q - n_main] += a1[q] * v;
+        s2[q - n_main] += a2[q] * v;
+        s3[q - n_main] += a3[q] * v;
+    }
+    float t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+    for (int l = 0; l < LANES; l++) {
+        t0 += s0[l];
+        t1 += s1[l];
+        t2 += s2[l];
+        t3 += s3[l];
+    }
+    out[0] = t0;
+    out[1] = t1;
+    out[2] = t2;
+    out[3] = t3;
+}
+
+/* row += c0 a0 + c1 a1 + c2 a2 + c3 a3 over n floats */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void axpy4(float *row, const float *a0, const float *a1, const float *a2, const float *a3, float c0, float c1,
+                  float c2, float c3, int64_t n)
+{
+    for (int64_t q = 0; q < n; q++)
+        row[q] += c0 * a0[q] + c1 * a1[q] + c2 * a2[q] + c3 * a3[q];
+}
+
+void fine_cross(const float *x, const float *phases, const float *table, const int64_t *img, const int64_t *child_t,
+                const int64_t *inv, int64_t n_pairs, int64_t n_pix, float *out, int64_t nthreads)
+{
+    const int64_t n2 = 2 * n_pix;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *a = malloc(sizeof(float) * (size_t)(4 * n2));
+        #pragma omp for schedule(static)
+        for (int64_t s = 0; s < n_pairs; s++) {
+            for (int j = 0; j < 4; j++)
+                shifted(x + img[s] * n2, phases + child_t[4 * s + j] * n2, n_pix, a + j * n2);
+            for (int m = 0; m < 8; m++) {
+                float d[4];
+                dot4(a, a + n2, a + 2 * n2, a + 3 * n2, table + inv[8 * s + m] * n2, n2, d);
+                for (int j = 0; j < 4; j++)
+                    out[(s * 4 + j) * 8 + m] = d[j];
+            }
+        }
+        free(a);
+    }
+}
+
+/* fine_accumulate: acc[inv[s][m]] += sum_j post[s][j][m] * a_j for every pair in order (x = C X: the M-step's
+ * posterior-weighted images). Each thread owns the table rows u with u % nthreads == its number, so every row
+ * sums its pairs in pair order whatever the thread count. */
+void fine_accumulate(const float *x, const float *phases, const float *post, const int64_t *img,
+                     const int64_t *child_t, const int64_t *inv, int64_t n_pairs, int64_t n_pix, float *acc,
+                     int64_t nthreads)
+{
+    const int64_t n2 = 2 * n_pix;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int64_t me = 0, nt = 1;
+#ifdef _OPENMP
+        me = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        float *a = malloc(sizeof(float) * (size_t)(4 * n2));
+        for (int64_t s = 0; s < n_pairs; s++) {
+            int mine = 0;
+            for (int m = 0; m < 8; m++)
+                mine |= (inv[8 * s + m] % nt) == me;
+            if (!mine)
+                continue;
+            for (int j = 0; j < 4; j++)
+                shifted(x + img[s] * n2, phases + child_t[4 * s + j] * n2, n_pix, a + j * n2);
+            const float *ps = post + s * 32;
+            for (int m = 0; m < 8; m++) {
+                const int64_t u = inv[8 * s + m];
+                if (u % nt != me)
+                    continue;
+                axpy4(acc + u * n2, a, a + n2, a + 2 * n2, a + 3 * n2, ps[m], ps[8 + m], ps[16 + m], ps[24 + m], n2);
+            }
+        }
+        free(a);
+    }
+}

@@ -150,3 +150,133 @@ void density_iteration(float *d, const float *w, const uint8_t *live, float *t1,
             d[i] /= t1[i];
     }
 }
+
+/* Trilinear value at padded frequency (x, y, z) of a half-grid Fourier cube, cube[z][y][x][2] (interleaved
+ * re, im) with x = 0 .. h and y, z = -h .. h (index + h), d = 2h + 1. A frequency with x < 0 is read at its
+ * Friedel mate (-k, complex conjugate). Corners outside the cube count as zero. */
+static inline void sample_half_one(const float *cube, int64_t h, float x, float y, float z, float *out)
+{
+    const int64_t d = 2 * h + 1, nx = h + 1;
+    const int64_t sy = nx * 2, sz = d * nx * 2;
+    float conj = 1.0f;
+    if (x < 0) {
+        x = -x;
+        y = -y;
+        z = -z;
+        conj = -1.0f;
+    }
+    y += (float)h;
+    z += (float)h;
+    const float fx0 = floorf(x), fy0 = floorf(y), fz0 = floorf(z);
+    const int64_t x0 = (int64_t)fx0, y0 = (int64_t)fy0, z0 = (int64_t)fz0;
+    const float fx = x - fx0, fy = y - fy0, fz = z - fz0;
+    float re = 0.0f, im = 0.0f;
+    if (x0 >= 0 && y0 >= 0 && z0 >= 0 && x0 + 1 < nx && y0 + 1 < d && z0 + 1 < d) {
+        const float *c = cube + z0 * sz + y0 * sy + x0 * 2;
+        const float w000 = (1 - fz) * (1 - fy) * (1 - fx), w001 = (1 - fz) * (1 - fy) * fx;
+        const float w010 = (1 - fz) * fy * (1 - fx), w011 = (1 - fz) * fy * fx;
+        const float w100 = fz * (1 - fy) * (1 - fx), w101 = fz * (1 - fy) * fx;
+        const float w110 = fz * fy * (1 - fx), w111 = fz * fy * fx;
+        re = w000 * c[0] + w001 * c[2] + w010 * c[sy] + w011 * c[sy + 2] + w100 * c[sz] + w101 * c[sz + 2]
+             + w110 * c[sz + sy] + w111 * c[sz + sy + 2];
+        im = w000 * c[1] + w001 * c[3] + w010 * c[sy + 1] + w011 * c[sy + 3] + w100 * c[sz + 1] + w101 * c[sz + 3]
+             + w110 * c[sz + sy + 1] + w111 * c[sz + sy + 3];
+    } else {
+        for (int64_t kz = 0; kz < 2; kz++)
+            for (int64_t ky = 0; ky < 2; ky++)
+                for (int64_t kx = 0; kx < 2; kx++) {
+                    const int64_t xi = x0 + kx, yi = y0 + ky, zi = z0 + kz;
+                    if (xi < 0 || yi < 0 || zi < 0 || xi >= nx || yi >= d || zi >= d)
+                        continue;
+                    const float w = (kz ? fz : 1 - fz) * (ky ? fy : 1 - fy) * (kx ? fx : 1 - fx);
+                    const float *c = cube + zi * sz + yi * sy + xi * 2;
+                    re += w * c[0];
+                    im += w * c[1];
+                }
+    }
+    out[0] = re;
+    out[1] = conj * im;
+}
+
+/* sample_half: out[i] = the cube at coords[i] = (x, y, z) padded voxels (see sample_half_one). */
+void sample_half(const float *cube, int64_t h, const float *coords, int64_t m, float *out, int64_t nthreads)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < m; i++)
+        sample_half_one(cube, h, coords[3 * i], coords[3 * i + 1], coords[3 * i + 2], out + 2 * i);
+}
+
+/* project_half: central slices out[r][p] = the cube at A_r^T (kx_p, ky_p, 0), kxy[p] = (kx, ky) in padded
+ * voxels, rot[r] a row-major 3x3 matrix. Threads split the rotations. */
+void project_half(const float *cube, int64_t h, const float *rot, int64_t n_rot, const float *kxy, int64_t n_pix,
+                  float *out, int64_t nthreads)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < n_rot; r++) {
+        const float *a = rot + 9 * r;
+        float *o = out + r * n_pix * 2;
+        for (int64_t p = 0; p < n_pix; p++) {
+            const float kx = kxy[2 * p], ky = kxy[2 * p + 1];
+            sample_half_one(cube, h, kx * a[0] + ky * a[3], kx * a[1] + ky * a[4], kx * a[2] + ky * a[5], o + 2 * p);
+        }
+    }
+}
+
+/* backproject_half: insert central slices into a half-grid accumulator acc[z][y][x][3] (re, im, weight), x =
+ * 0 .. h, y, z = -h .. h (index + h), d = 2h + 1: the value vals[r][p] (interleaved re, im) with weight w[r][p]
+ * goes to pad * A_r^T (kx_p, ky_p, 0) (kxy[p] = (kx, ky) * pad), to its Friedel mate (-k, conjugate) where x <
+ * 0, with trilinear weights; samples whose 8 neighbours are not all inside are skipped. As
+ * trilinear_scatter_grid, threads own z-slabs and add their samples in (r, p) order. */
+void backproject_half(float *acc, int64_t h, const float *rot, int64_t n_rot, const float *kxy, int64_t n_pix,
+                      const float *vals, const float *w, int64_t nthreads)
+{
+    const int64_t d = 2 * h + 1, nx = h + 1;
+    const int64_t sy = nx * 3, sz = d * nx * 3;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int64_t t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        const int64_t zlo = d * t / nt, zhi = d * (t + 1) / nt;
+        for (int64_t r = 0; r < n_rot; r++) {
+            const float *a = rot + 9 * r;
+            for (int64_t p = 0; p < n_pix; p++) {
+                const float kx = kxy[2 * p], ky = kxy[2 * p + 1];
+                float x = kx * a[0] + ky * a[3], z = kx * a[2] + ky * a[5];
+                const float sign = x < 0 ? -1.0f : 1.0f;
+                z = sign * z + (float)h;
+                const float fz0 = floorf(z);
+                const int64_t z0 = (int64_t)fz0;
+                if (z0 + 1 < zlo || z0 >= zhi)
+                    continue;
+                x = sign * x;
+                const float y = sign * (kx * a[1] + ky * a[4]) + (float)h;
+                const float fx0 = floorf(x), fy0 = floorf(y);
+                const int64_t x0 = (int64_t)fx0, y0 = (int64_t)fy0;
+                if (x0 < 0 || y0 < 0 || z0 < 0 || x0 + 1 >= nx || y0 + 1 >= d || z0 + 1 >= d)
+                    continue;
+                const float fx = x - fx0, fy = y - fy0, fz = z - fz0;
+                const int64_t i = r * n_pix + p;
+                const float v[3] = {vals[2 * i], sign * vals[2 * i + 1], w[i]};
+                const float wyx[4] = {(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx};
+                const int64_t off[4] = {0, 3, sy, sy + 3};
+                for (int64_t kz = 0; kz < 2; kz++) {
+                    const int64_t zz = z0 + kz;
+                    if (zz < zlo || zz >= zhi)
+                        continue;
+                    const float wz = kz ? fz : 1 - fz;
+                    float *base = acc + zz * sz + y0 * sy + x0 * 3;
+                    for (int k = 0; k < 4; k++) {
+                        float *q = base + off[k];
+                        const float wk = wz * wyx[k];
+                        q[0] += wk * v[0];
+                        q[1] += wk * v[1];
+                        q[2] += wk * v[2];
+                    }
+                }
+            }
+        }
+    }
+}
