@@ -24,27 +24,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from relion_data import relion_particles
+from relion_data import measure, relion_particles
 
 from spa3d.fourier.filters import fsc, resolution_at
 from spa3d.io.mrc import read_map
 from spa3d.io.star import read_particles_star
-
-_MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-            "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
-            "w = time.perf_counter() - t; "
-            "print(r.returncode, w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
-            "sys.stderr.write(r.stderr[-3000:] if r.returncode else '')")
-
-
-def measure(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """Wall time (s) and peak resident memory (MB) of a command."""
-    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], cwd=cwd, capture_output=True, text=True)
-    code, wall, rss = out.stdout.split()
-    if int(code) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr}")
-    return float(wall), float(rss)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

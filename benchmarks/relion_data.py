@@ -30,6 +30,22 @@ def timed(cmd: list[str], cwd: Path) -> float:
     return time.perf_counter() - t
 
 
+_MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+            "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+            "w = time.perf_counter() - t; "
+            "print(r.returncode, w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); "
+            "sys.stderr.write(r.stderr[-3000:] if r.returncode else '')")
+
+
+def measure(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """Wall time (s) and peak resident memory (MB) of a command."""
+    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], cwd=cwd, capture_output=True, text=True)
+    code, wall, rss = out.stdout.split()
+    if int(code) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr}")
+    return float(wall), float(rss)
+
+
 def relion_particles(work: Path, n: int, snr: float, seed: int, box: int = 64,
                      pixel_size: float = 2.0) -> tuple[np.ndarray, float]:
     """Write truth_class001.mrc, particles.star, clean.* and noisy.* into ``work``; return (truth map, pixel size)."""

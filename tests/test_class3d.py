@@ -75,7 +75,8 @@ def test_class3d_writes_relion_outputs(classified):
     for col in ("rlnReferenceImage", "rlnClassDistribution", "rlnAccuracyRotations", "rlnAccuracyTranslationsAngst",
                 "rlnEstimatedResolution", "rlnOverallFourierCompleteness"):
         assert col in cls
-    assert abs(cls["rlnClassDistribution"].sum() - 1) < 1e-6
+    # written with 6 decimals: each value within 5e-7 of the fraction
+    assert abs(cls["rlnClassDistribution"].sum() - 1) <= 5e-7 * len(cls) + 1e-12
     assert "rlnSigma2Noise" in model["model_group_1"]
     data = read_star(job / "run_it006_data.star")["particles"]
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber",

@@ -297,7 +297,8 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
     upd = post.pixel_count > 0
     mu = 0.0 if full_pass else o.momentum
     state.sigma2[:m][upd] = mu * state.sigma2[:m][upd] + (1 - mu) * est[upd]
-    frac = post.class_posterior.mean(0)
+    cp = post.class_posterior.astype(np.float64).sum(0)
+    frac = cp / max(cp.sum(), 1e-300)  # each image's class posterior sums to 1 only to single precision
     state.class_fractions = mu * state.class_fractions + (1 - mu) * frac
     for k in range(o.n_classes):
         power = power_spectrum(state.maps[k])
