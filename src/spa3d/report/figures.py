@@ -171,15 +171,21 @@ def fsc_plot(curves: dict[str, np.ndarray], n: int, pixel_size: float, path) -> 
 
 
 def particle_gallery(images: np.ndarray, path, title: str = "") -> Path:
-    """Up to 32 particle images tiled."""
+    """Up to 32 particle images tiled, 8 per row, each scaled to its own range (one montage image)."""
     k = min(len(images), 32)
-    cols = 8
+    cols = min(8, max(k, 1))
     rows = max(1, int(np.ceil(k / cols)))
-    fig, axs = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.4 * rows), squeeze=False)
-    for i, ax in enumerate(axs.ravel()):
-        ax.set_axis_off()
-        if i < k:
-            ax.imshow(images[i], cmap="gray", origin="lower")
+    n = images.shape[-1] if k else 1
+    gap = max(1, n // 32)
+    tile = np.ones((rows * (n + gap) - gap, cols * (n + gap) - gap))
+    for i in range(k):
+        im = np.asarray(images[i], dtype=np.float64)[::-1]  # origin at the bottom, as the map views
+        lo, hi = im.min(), im.max()
+        r, c = divmod(i, cols)
+        tile[r * (n + gap):r * (n + gap) + n, c * (n + gap):c * (n + gap) + n] = (im - lo) / (hi - lo if hi > lo else 1)
+    fig, ax = plt.subplots(figsize=(1.4 * cols, 1.4 * rows))
+    ax.imshow(tile, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
