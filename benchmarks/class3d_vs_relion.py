@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
-from relion_data import relion_mixture, timed
+from relion_data import estep_rate_line, relion_mixture, sgemm_rate, timed
 
 from spa3d.analysis.metrics import adjusted_rand_index
 
@@ -111,12 +113,13 @@ def main() -> None:
 
     print(f"\n3D classification of {a.n} particles (relion_project; AB5 complex / B5 ring / junk = {a.fractions}; "
           f"box 64, {apix} Å/px, SNR {a.snr}), K={a.K}, T=4, {a.iter} iterations, {a.sampling}° sampling, "
-          f"offsets 5/1 px, 2 CPU cores")
+          f"offsets 5/1 px, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
     print(f"{'program':<16} {'wall (s)':>9} {'ARI':>6} {'FSC0.5 (Å)':>11} {'FSC0.143 (Å)':>13}  class sizes")
     for prog, t, ari, r5, r1, sizes in rows:
         print(f"{prog:<16} {t:9.1f} {ari:6.3f} {r5:11.2f} {r1:13.2f}  {[int(x) for x in sizes]}")
     if len(rows) == 2:
         print(f"time ratio spa3d/RELION: {rows[0][1] / rows[1][1]:.3f}")
+    print(f"spa3d {estep_rate_line(out / 'run.log', sgemm_rate())}")
     print(f"\nworking directory: {work}")
 
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
-from relion_data import relion_particles, timed
+from relion_data import estep_rate_line, relion_particles, sgemm_rate, timed
 
 from spa3d.fourier.filters import fsc, resolution_at
 from spa3d.io.mrc import read_map
@@ -79,7 +81,7 @@ def main() -> None:
     else:
         truth, apix = relion_particles(work, a.n, a.snr, seed=12)
 
-    rows = []
+    rows, ran = [], []
     plans = [("short", SHORT, not a.skip_relion)]
     if a.full:
         plans.append(("full", FULL, a.relion_full))
@@ -89,6 +91,7 @@ def main() -> None:
         for seed in [int(x) for x in a.seeds.split(",")]:
             out = f"spa3d_{label}_seed{seed}"
             (work / out).mkdir(exist_ok=True)
+            ran.append(out)
             t_s = timed(spa3d_cmd(s, a.diameter, out, seed, a.spa3d_args.split()), work)
             times.append(t_s)
             rows.append((label, f"spa3d (seed {seed})", t_s, *score(work / out / f"run_it{total:03d}_class001.mrc",
@@ -105,11 +108,14 @@ def main() -> None:
             rows.append((label, "time ratio spa3d/RELION", max(times) / t_r, float("nan"), float("nan"), False))
 
     print(f"\nSGD initial model from {a.n} particles (relion_project, box {truth.shape[0]}, {apix} Å/px, SNR {a.snr}), "
-          f"2 CPU cores; schedules: short 10/30/10, 100->300; full 25/100/25, 100->500; 35->15 Å")
+          f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}; schedules: short 10/30/10, 100->300; full 25/100/25, 100->500; 35->15 Å")
     print(f"{'schedule':<9} {'program':<24} {'wall (s)':>9} {'FSC0.5 (Å)':>11} {'FSC0.143 (Å)':>13} {'hand':>9}")
     for label, prog, t, r5, r1, mir in rows:
         hand = "" if np.isnan(r5) else ("mirrored" if mir else "correct")
         print(f"{label:<9} {prog:<24} {t:9.2f} {r5:11.2f} {r1:13.2f} {hand:>9}")
+    rate = sgemm_rate()
+    for out in ran:
+        print(f"{out}: {estep_rate_line(work / out / 'run.log', rate)}")
     print(f"\nworking directory: {work}")
 
 

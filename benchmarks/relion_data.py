@@ -109,3 +109,27 @@ def relion_mixture(work: Path, n: int, fractions: list[float], snr: float, seed:
     drop = [c for c in parts.columns if c == "rlnClassNumber" or c.startswith(("rlnAngle", "rlnOrigin"))]
     write_star(work / "noisy.star", {"optics": optics, "particles": parts.drop(columns=drop)})
     return maps
+
+
+def sgemm_rate(n: int = 2048, repeats: int = 5) -> float:
+    """The machine's single-precision GEMM rate (GFLOP/s) through torch, best of ``repeats`` n × n products."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def estep_rate_line(run_log: Path, sgemm_gflops: float) -> str:
+    """The E-step summary a spa3d job wrote last in its run.log, with its fraction of the sgemm rate."""
+    lines = [ln for ln in Path(run_log).read_text().splitlines() if " E-step: " in ln]
+    if not lines:
+        return f"{run_log}: no E-step summary"
+    text = lines[-1].split(" E-step: ", 1)[1]
+    rate = float(text.split(" = ", 1)[1].split(" GFLOP/s", 1)[0])
+    return f"E-step: {text}; {100 * rate / sgemm_gflops:.0f}% of sgemm ({sgemm_gflops:.0f} GFLOP/s)"

@@ -87,6 +87,8 @@ class BatchResult:
     pixel_shell: np.ndarray  # (nsh,) Σ_b m per shell
     scale_xa: np.ndarray  # (B,) Σ Re(X·S · conj(C·P)) at the best pose (group scale statistics)
     scale_aa: np.ndarray  # (B,) Σ |C·P|²
+    flops: float = 0.0  # floating-point operations of the batch's products (likelihoods and M-step sums)
+    poses: float = 0.0  # (class, rotation, translation) samples scored, summed over the batch's images
 
 
 def significant_samples(ll: torch.Tensor, fraction: float, max_samples: int):
@@ -207,8 +209,11 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
         "rot_spread": torch.zeros(b, device=dev), "trans_spread": torch.zeros(b, device=dev),
         "xa": torch.zeros(b, device=dev), "aa": torch.zeros(b, device=dev)}
     nsh = int(px_fine.shell.max()) + 1
-    sums = {"off_sq": 0.0, "res_shell": torch.zeros(nsh, dtype=torch.float64, device=dev),
+    sums = {"off_sq": 0.0, "flops": 0.0, "poses": 0.0, "res_shell": torch.zeros(nsh, dtype=torch.float64, device=dev),
             "pix_shell": torch.zeros(nsh, dtype=torch.float64, device=dev)}
+    n_pc, n_tc, n_rc = xc.shape[1], grid.coarse_trans.shape[0], grid.coarse_rot.shape[0]
+    sums["flops"] += k_cls * (2.0 * b * n_tc * 2 * n_pc * n_rc + 2.0 * b * n_pc * n_rc)  # cross and power GEMMs
+    sums["poses"] += float(b * k_cls * n_tc * n_rc)
     if bool(broad.any()):
         sel = broad.nonzero()[:, 0]
         _coarse_marginal(sel, ll[sel].reshape(len(sel), -1), x_full[sel], ctf_full[sel], old_offsets[sel], grid, projectors, px_fine,
@@ -224,7 +229,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
                        out["class_post"].cpu().numpy(), out["rot_spread"].sqrt().cpu().numpy(),
                        out["trans_spread"].sqrt().cpu().numpy(), float(sums["off_sq"]),
                        sums["res_shell"].cpu().numpy(), sums["pix_shell"].cpu().numpy(), out["xa"].cpu().numpy(),
-                       out["aa"].cpu().numpy())
+                       out["aa"].cpu().numpy(), sums["flops"], sums["poses"])
 
 
 def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowed_class, log_prior_t, log_prior_r,
@@ -313,6 +318,10 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
             if local:
                 ll = ll + prior_r(grid.fine_rot[child_r[s0:s1]], ii, cutoff=False)[:, None, :]
             scores[s0:s1] = ll
+    n_u = len(uniq)
+    # per sample: 4 shifted images (6 flops a complex product) and 4 × 8 dot products of 2P; power as one GEMM
+    sums["flops"] += n_pairs * (24.0 + 128.0) * n_p + 2.0 * b * n_u * n_p
+    sums["poses"] += 32.0 * n_pairs
     flat_scores = scores.reshape(n_pairs, 32)
     mx, lse = _segment_logsumexp(flat_scores, img, b)
     if hard:
@@ -369,7 +378,7 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     if backprojectors is not None:
         # sum the contributions of all images per (class, fine rotation) first: one row each to insert
         c2 = cf * cf
-        n_u = len(uniq)
+        sums["flops"] += n_pairs * (24.0 + 128.0) * n_p + 2.0 * n_u * b * n_p  # Σ p·C·X·S per row; Σ p·C² GEMM
         # Σ_t p over each sample's translations, per (image, table row): the CTF² weights as one GEMM-free sum
         wrow = torch.zeros((b, n_u), dtype=torch.float32, device=dev)
         wrow.index_put_((img[:, None].expand(-1, 8), inv), post.sum(1), accumulate=True)
@@ -454,6 +463,7 @@ def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p
         if len(keep) == 0:
             continue
         pr = pk[:, :, keep].reshape(bb * n_tc, -1).T  # (R', B'·Tc)
+        sums["flops"] += 2.0 * len(keep) * bb * n_tc * 2 * xf.shape[1] + 2.0 * len(keep) * bb * xf.shape[1]
         data = torch.complex(pr @ cxs.real.contiguous(), pr @ cxs.imag.contiguous())
         wsum = pk[:, :, keep].sum(1).T @ c2  # (R', P)
         # spread over the 8 fine children of each coarse rotation: the same Fourier coverage as the fine pass

@@ -29,6 +29,7 @@ the cost of about four mini-batches (benchmarks/initial_model_vs_relion.py).
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,7 +43,7 @@ from spa3d.fourier.projector import Projector
 from spa3d.geometry.euler import random_rotations
 from spa3d.inference.estep import expectation
 from spa3d.inference.search import SearchGrid, search_batch
-from spa3d.inference.likelihood import FourierPixels
+from spa3d.inference.likelihood import FourierPixels, gemm_flops
 from spa3d.io.particles import ParticleSet
 
 
@@ -98,6 +99,8 @@ class MinibatchPoses:
     class_posterior: np.ndarray  # (B, K)
     residual_power: np.ndarray  # (n_shells,) Σ m·|X S − C P|² at the best pose
     pixel_count: np.ndarray  # (n_shells,)
+    flops: float = 0.0  # floating-point operations of the E-step's products (likelihoods and M-step sums)
+    poses: float = 0.0  # samples scored, summed over the images
 
 
 @dataclass
@@ -220,7 +223,7 @@ def _estep_minibatch(ps: ParticleSet, idx: np.ndarray, maps: np.ndarray, sigma2:
                              residual=residual)
             posts.append(MinibatchPoses(r.best_class, r.best_rotation, r.best_translation, r.max_posterior,
                                         r.n_significant, r.log_evidence, r.class_posterior, r.residual_shell,
-                                        r.pixel_shell))
+                                        r.pixel_shell, r.flops, r.poses))
         return (_join_posteriors(posts) if len(posts) > 1 else posts[0]), bps
     sigma2_pix = torch.as_tensor(sigma2, dtype=torch.float32, device=dev)[px.shell].clamp_min(1e-12)
     rots = torch.as_tensor(o.rotations, dtype=torch.float32, device=dev)
@@ -231,9 +234,13 @@ def _estep_minibatch(ps: ParticleSet, idx: np.ndarray, maps: np.ndarray, sigma2:
         x, c = image_pixels(ps, chunk, px, mask2d, o)
         p = expectation(x, c, px, sigma2_pix, refs, np.log(np.clip(class_fractions, 1e-6, None)), rots, trans,
                         o.offset_sigma_px, bps, residual=residual)
+        b_, t_, r_, p_ = len(chunk), len(o.translations), len(o.rotations), len(px.index)
+        # likelihood GEMMs per class, and the M-step sums (Σ p·C·X·S and Σ p·C², two GEMMs per class)
+        flops = o.n_classes * (gemm_flops(b_, t_, r_, p_) + 2.0 * r_ * b_ * t_ * 2 * p_ + 2.0 * r_ * b_ * p_)
         posts.append(MinibatchPoses(p.best_class, np.asarray(o.rotations)[p.best_rotation],
                                     np.asarray(o.translations)[p.best_translation], p.max_posterior, p.n_significant,
-                                    p.log_evidence, p.class_posterior, p.residual_power, p.pixel_count))
+                                    p.log_evidence, p.class_posterior, p.residual_power, p.pixel_count, flops,
+                                    float(b_ * o.n_classes * t_ * r_)))
     return (_join_posteriors(posts) if len(posts) > 1 else posts[0]), bps
 
 
@@ -254,7 +261,8 @@ def _join_posteriors(posts: list) -> MinibatchPoses:
     for p in posts:
         rp[:len(p.residual_power)] += p.residual_power
         pc[:len(p.pixel_count)] += p.pixel_count
-    return MinibatchPoses(**cat, residual_power=rp, pixel_count=pc)
+    return MinibatchPoses(**cat, residual_power=rp, pixel_count=pc, flops=sum(p.flops for p in posts),
+                          poses=sum(p.poses for p in posts))
 
 
 def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: SgdSchedule,
@@ -278,6 +286,7 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
         if o.final_translations is not None:
             o = dataclasses.replace(o, translations=o.final_translations)
 
+    t_estep = time.perf_counter()
     if cluster is None:
         post, bps = _estep_minibatch(ps, idx, state.maps, state.sigma2, state.class_fractions, o, r_cur,
                                      not full_pass)
@@ -291,6 +300,7 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
         bps = [BackProjector(n, r_max=r_cur, device=dev) for _ in range(o.n_classes)]
         for k, bp in enumerate(bps):
             bp.acc = sum(acc[k].cpu() for _, acc in out).to(dev)
+    t_estep = time.perf_counter() - t_estep
     # noise spectrum: running average of the best-pose residual power
     m = len(post.pixel_count)
     est = post.residual_power / np.maximum(post.pixel_count, 1)
@@ -318,4 +328,5 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
         state.maps[k] = _flatten(lowpass(state.maps[k] + state.momentum[k], apix, res_eff), o, apix)
     state.iteration = it
     return {"iteration": it, "resolution": res, "subset": len(idx), "indices": idx, "posterior": post,
+            "estep_seconds": t_estep,
             "translations": o.translations}

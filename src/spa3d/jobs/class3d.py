@@ -57,7 +57,7 @@ from spa3d.io.atomic_write import atomic_path, ensure_writable_dir
 from spa3d.io.mrc import read_map, write_map
 from spa3d.io.particles import ParticleSet
 from spa3d.io.star import read_star, write_star
-from spa3d.jobs.progress import Progress, add_log_file
+from spa3d.jobs.progress import EStepRate, Progress, add_log_file
 from spa3d.jobs.resume import (IterationFiles, append_options_block, prepare_continue, remove_stale_staging,
                                state_file)
 
@@ -367,6 +367,8 @@ class EStepResult:
     aa_g: np.ndarray
     off_sq: float
     acc: list  # per class: BackProjector accumulator tensor (D, D, D, 3)
+    flops: float = 0.0  # floating-point operations of the E-step's products
+    poses: float = 0.0  # samples scored, summed over the particles
 
 
 _GRID_CACHE: dict = {}
@@ -438,6 +440,8 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
         np.add.at(out.xa_g, ch.groups[sl], r.scale_xa)
         np.add.at(out.aa_g, ch.groups[sl], r.scale_aa)
         out.off_sq += r.offset_sq_sum
+        out.flops += getattr(r, "flops", 0.0)
+        out.poses += getattr(r, "poses", 0.0)
         if progress is not None:
             progress.update(len(idx))
     out.acc = [bp.acc for bp in bps]
@@ -453,7 +457,7 @@ def _combine(results: list[EStepResult]) -> EStepResult:
            ("indices", "offsets_px", "angles", "classes", "pmax", "n_significant", "log_likelihood", "rot_spread",
             "trans_spread")}
     sums = {f: sum(getattr(r, f) for r in results) for f in
-            ("class_post_sum", "res_shell", "pix_shell", "xa_g", "aa_g", "off_sq")}
+            ("class_post_sum", "res_shell", "pix_shell", "xa_g", "aa_g", "off_sq", "flops", "poses")}
     acc = [sum(r.acc[k].cpu() for r in results) for k in range(len(first.acc))]
     return EStepResult(**cat, **sums, acc=acc)
 
@@ -573,6 +577,7 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
             return maps, st
     start = time.perf_counter()
     first_it = st.iteration
+    rate = EStepRate()
     # radius (cycles per box) up to which the current maps hold data: the initial low-pass, then the E-step radius
     map_radius = st.r_current if st.iteration == 0 else st.map_radius
     while st.iteration < o.n_iter:
@@ -596,6 +601,7 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
                               scale_all[sel], groups[sel], n_groups, allowed[sel], o, order, r_cur, r_coarse_cap, hard,
                               radius_px, dev, threads)
 
+        t_estep = time.perf_counter()
         if cluster is None:
             res_all = estep_chunk(chunk(todo, 0, str(device)), prog)
         else:
@@ -605,6 +611,7 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
             tasks = [chunk(todo[b * bs:(b + per) * bs], b, "cpu", cluster.threads) for b in bounds]
             res_all = _combine(cluster.map(estep_chunk, tasks))
             prog.update(n_used)
+        rate.add(res_all.flops, time.perf_counter() - t_estep, res_all.poses, n_used)
         bps = [BackProjector(n, r_max=r_cur, device=device) for _ in range(k_cls)]
         for bp, acc in zip(bps, res_all.acc):
             bp.acc = acc.to(device)
@@ -698,8 +705,10 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
         fr = " ".join(f"{f:.2f}" for f in st.class_fractions)
         res = " ".join(f"{r:.1f}" for r in info["resolution"])
         log.info(f"iteration {it}/{o.n_iter}: E-step radius {r_cur:.1f} px, classes {fr}, resolution {res} Å, "
-                 f"σ_offset {st.sigma_offset_px * apix:.2f} Å, <Pmax> {pmax.mean():.3f}, "
+                 f"σ_offset {st.sigma_offset_px * apix:.2f} Å, <Pmax> {pmax.mean():.3f}, {rate.line()}, "
                  f"{n_used / (time.perf_counter() - t_it):.0f} particles/s, {left:.0f} s left")
+    if rate.particles:
+        log.info(rate.summary())
     log.info(f"done in {time.perf_counter() - start:.1f} s: {job / f'run_it{st.iteration:03d}_model.star'}")
     return maps, st
 

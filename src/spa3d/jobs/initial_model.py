@@ -30,7 +30,7 @@ from spa3d.io.mrc import write_map
 from spa3d.io.particles import ParticleSet
 from spa3d.io.star import write_star
 from spa3d.jobs.estimate import estimate_initial_model
-from spa3d.jobs.progress import add_log_file
+from spa3d.jobs.progress import EStepRate, add_log_file
 from spa3d.jobs.resume import (IterationFiles, append_options_block, prepare_continue, remove_stale_staging,
                                state_file)
 
@@ -217,11 +217,13 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
     start = time.perf_counter()
     first_it = state.iteration
     res = sched.at(max(state.iteration, 1))[0]
+    rate = EStepRate()
     while state.iteration < sched.total:
         t0 = time.perf_counter()
         out = sgd_iteration(ps, state, opts, sched, rng, cluster)
         post = out["posterior"]
         res = out["resolution"]
+        rate.add(post.flops, out["estep_seconds"], post.poses, out["subset"])
         r, t, p = matrix_to_euler(np.asarray(post.best_rotation, dtype=np.float64))
         tr = np.asarray(post.best_translation) * apix
         for j, i in enumerate(out["indices"]):
@@ -230,9 +232,11 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
         elapsed = time.perf_counter() - start
         left = elapsed / done * (sched.total - state.iteration)
         log.info(f"iteration {state.iteration}/{sched.total}: {res:.1f} Å, mini-batch {out['subset']}, "
-                 f"{out['subset'] / (time.perf_counter() - t0):.0f} particles/s, {left:.0f} s left")
+                 f"{rate.line()}, {out['subset'] / (time.perf_counter() - t0):.0f} particles/s, {left:.0f} s left")
         state.rng_state = rng.bit_generator.state
         if state.iteration % o.write_iter == 0 or state.iteration == sched.total:
             _write_iteration(job, ps, state, poses, res, o, input_star or str(Path(ps.star_path).resolve()))
+    if rate.particles:
+        log.info(rate.summary())
     log.info(f"done in {time.perf_counter() - start:.1f} s: {job / f'run_it{state.iteration:03d}_class001.mrc'}")
     return state

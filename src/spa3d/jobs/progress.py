@@ -62,3 +62,36 @@ class Progress:
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+class EStepRate:
+    """Arithmetic rate of the E-step: its products' floating-point operations per second of E-step wall time.
+
+    ``add`` one E-step (flops, seconds, poses scored, particles); ``line`` is that E-step's rate and poses
+    per particle, ``summary`` the totals of the run (written as the last lines of run.log, where
+    benchmarks read them).
+    """
+
+    def __init__(self):
+        self.flops = self.seconds = self.poses = self.particles = 0.0
+        self._last = (0.0, 0.0, 0.0, 0.0)
+
+    def add(self, flops: float, seconds: float, poses: float, particles: int) -> None:
+        self._last = (flops, seconds, poses, particles)
+        self.flops += flops
+        self.seconds += seconds
+        self.poses += poses
+        self.particles += particles
+
+    @staticmethod
+    def _text(flops, seconds, poses, particles) -> str:
+        return (f"E-step {flops / max(seconds, 1e-9) / 1e9:.1f} GFLOP/s, "
+                f"{poses / max(particles, 1):,.0f} poses per particle")
+
+    def line(self) -> str:
+        return self._text(*self._last)
+
+    def summary(self) -> str:
+        return (f"E-step: {self.flops / 1e9:.1f} GFLOP in {self.seconds:.1f} s = "
+                f"{self.flops / max(self.seconds, 1e-9) / 1e9:.1f} GFLOP/s; "
+                f"{self.poses / max(self.particles, 1):,.0f} poses scored per particle and iteration")
