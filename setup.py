@@ -11,6 +11,7 @@ setup(
         Extension(
             "spa3d.kernels._trilinear",
             sources=["src/spa3d/kernels/trilinear.c", "src/spa3d/kernels/posterior.c"],
+            depends=["src/spa3d/kernels/threads.h"],
             extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp"],
             extra_link_args=["-fopenmp"],
             optional=True,

@@ -1,7 +1,7 @@
 """spa3d initial-model vs relion_refine --denovo_3dref --sgd on the same particles, in the same run.
 
-Simulates particles of PDB 1TII with relion_project (box 64, 2 Å/pixel, SNR
-≈ 0.1, CTF), runs RELION 3.1's SGD initial model and spa3d's with the same
+Simulates particles of PDB 1TII (or, with ``--protein d2``, a D2 tetramer of
+its A subunit) with relion_project (box 64, 2 Å/pixel, SNR ≈ 0.1, CTF), runs RELION 3.1's SGD initial model and spa3d's with the same
 schedule, superposes each result on the ground truth (rotation, shift, both
 hands) and prints wall time and FSC resolution (0.5 and 0.143) for both.
 ``--full`` also times spa3d on the tutorial's full schedule (25/100/25,
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from relion_data import estep_rate_line, relion_particles, sgemm_rate, timed
+from relion_data import d2_tetramer, estep_rate_line, relion_particles, sgemm_rate, timed
 
 from spa3d.fourier.filters import fsc, resolution_at
 from spa3d.io.mrc import read_map
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--reuse-relion", action="store_true", help="reuse finished RELION runs in --workdir")
     ap.add_argument("--seeds", default="1", help="spa3d seeds, comma-separated (default 1)")
     ap.add_argument("--spa3d-args", default="", help="extra spa3d initial-model options, e.g. '--final-em 0'")
+    ap.add_argument("--protein", choices=("1tii", "d2"), default="1tii",
+                    help="1TII's AB5 complex, or a D2 tetramer of its A subunit (relion_data.d2_tetramer)")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="spa3d_bench_im_"))
@@ -79,7 +81,8 @@ def main() -> None:
     if a.reuse_relion and (work / "noisy.star").exists():  # the particles RELION's recorded runs saw
         truth, apix = read_map(work / "truth_class001.mrc")
     else:
-        truth, apix = relion_particles(work, a.n, a.snr, seed=12)
+        structure = str(d2_tetramer(work / "d2_tetramer.pdb")) if a.protein == "d2" else None
+        truth, apix = relion_particles(work, a.n, a.snr, seed=12, structure=structure)
 
     rows, ran = [], []
     plans = [("short", SHORT, not a.skip_relion)]
@@ -107,7 +110,7 @@ def main() -> None:
             rows.append((label, "relion_refine --sgd", t_r, *r_r))
             rows.append((label, "time ratio spa3d/RELION", max(times) / t_r, float("nan"), float("nan"), False))
 
-    print(f"\nSGD initial model from {a.n} particles (relion_project, box {truth.shape[0]}, {apix} Å/px, SNR {a.snr}), "
+    print(f"\nSGD initial model from {a.n} particles of {a.protein} (relion_project, box {truth.shape[0]}, {apix} Å/px, SNR {a.snr}), "
           f"{os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}; schedules: short 10/30/10, 100->300; full 25/100/25, 100->500; 35->15 Å")
     print(f"{'schedule':<9} {'program':<24} {'wall (s)':>9} {'FSC0.5 (Å)':>11} {'FSC0.143 (Å)':>13} {'hand':>9}")
     for label, prog, t, r5, r1, mir in rows:

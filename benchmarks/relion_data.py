@@ -47,13 +47,53 @@ def measure(cmd: list[str], cwd: Path) -> tuple[float, float]:
     return float(wall), float(rss)
 
 
-def relion_particles(work: Path, n: int, snr: float, seed: int, box: int = 64,
-                     pixel_size: float = 2.0) -> tuple[np.ndarray, float]:
-    """Write truth_class001.mrc, particles.star, clean.* and noisy.* into ``work``; return (truth map, pixel size)."""
+def d2_tetramer(path: Path, offset=(18.0, 12.0, 8.0)) -> Path:
+    """A D2 tetramer built from 1TII's A subunit (chain A): a second protein for the benchmarks.
+
+    The chain's centre of mass is put at ``offset`` (Å) and copied by D2's four operators (identity, 2-folds
+    about x, y and z; RELION's D2 axes): a 4 × 186-residue particle about 80 × 62 × 64 Å, of another shape and
+    symmetry than 1TII's AB5 complex. Written as a PDB file (gemmi).
+    """
+    import gemmi
+
+    st = gemmi.read_structure(default_structure())
+    st.remove_hydrogens()
+    st.remove_waters()
+    model = st[0]
+    chain = model["A"]
+    xyz = np.array([a.pos.tolist() for r in chain for a in r])
+    shift = np.asarray(offset) - xyz.mean(0)
+    out = gemmi.Structure()
+    out.cell = st.cell
+    new = gemmi.Model("1")
+    for name, d in zip("ABCD", ([1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1])):
+        c = gemmi.Chain(name)
+        for r in chain:
+            res = gemmi.Residue()
+            res.name, res.seqid = r.name, r.seqid
+            for a in r:
+                b = gemmi.Atom()
+                b.name, b.element, b.occ, b.b_iso = a.name, a.element, a.occ, a.b_iso
+                p = (np.array(a.pos.tolist()) + shift) * np.asarray(d)
+                b.pos = gemmi.Position(*p)
+                res.add_atom(b)
+            c.add_residue(res)
+        new.add_chain(c)
+    out.add_model(new)
+    out.setup_entities()
+    out.write_pdb(str(path))
+    return path
+
+
+def relion_particles(work: Path, n: int, snr: float, seed: int, box: int = 64, pixel_size: float = 2.0,
+                     structure: str | None = None) -> tuple[np.ndarray, float]:
+    """Write truth_class001.mrc, particles.star, clean.* and noisy.* into ``work``; return (truth map, pixel size).
+
+    ``structure``: an atomic model or map (default: the embedded PDB 1TII)."""
     if shutil.which("relion_project") is None:
         raise SystemExit("relion_project not found: apt-get install -y relion")
-    simulate([default_structure()], work / "poses", SimulationOptions(n_particles=n, snr=1.0, seed=seed, box=box,
-                                                                     pixel_size=pixel_size))
+    simulate([structure or default_structure()], work / "poses",
+             SimulationOptions(n_particles=n, snr=1.0, seed=seed, box=box, pixel_size=pixel_size))
     for f in ("particles.star", "truth_class001.mrc"):
         shutil.copy(work / "poses" / f, work / f)
     project = ["relion_project", "--i", "truth_class001.mrc", "--ang", "particles.star", "--ctf"]

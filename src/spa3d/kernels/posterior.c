@@ -16,9 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "threads.h"
 
 typedef struct {
     float v;
@@ -237,11 +235,8 @@ void fine_accumulate(const float *x, const float *phases, const float *post, con
     const int64_t n2 = 2 * n_pix;
     #pragma omp parallel num_threads(nthreads)
     {
-        int64_t me = 0, nt = 1;
-#ifdef _OPENMP
-        me = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int64_t me, nt;
+        thread_slot(&me, &nt);
         float *a = malloc(sizeof(float) * (size_t)(4 * n2));
         for (int64_t s = 0; s < n_pairs; s++) {
             int mine = 0;

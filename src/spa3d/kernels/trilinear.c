@@ -8,9 +8,7 @@
  */
 #include <math.h>
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "threads.h"
 
 void trilinear_scatter_grid(float *acc, int64_t dz, int64_t dy, int64_t dx, const float *coords, const float *vals,
                             int64_t m, int64_t nch, int64_t nthreads)
@@ -20,11 +18,8 @@ void trilinear_scatter_grid(float *acc, int64_t dz, int64_t dy, int64_t dx, cons
      * no two threads write the same voxel, and every voxel sums its samples in the same order */
     #pragma omp parallel num_threads(nthreads)
     {
-        int64_t t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int64_t t, nt;
+        thread_slot(&t, &nt);
         const int64_t zlo = dz * t / nt, zhi = dz * (t + 1) / nt;
         for (int64_t i = 0; i < m; i++) {
             const float z = coords[3 * i + 2];
@@ -234,11 +229,8 @@ void backproject_half(float *acc, int64_t h, const float *rot, int64_t n_rot, co
     const int64_t sy = nx * 3, sz = d * nx * 3;
     #pragma omp parallel num_threads(nthreads)
     {
-        int64_t t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int64_t t, nt;
+        thread_slot(&t, &nt);
         const int64_t zlo = d * t / nt, zhi = d * (t + 1) / nt;
         for (int64_t r = 0; r < n_rot; r++) {
             const float *a = rot + 9 * r;
