@@ -105,8 +105,26 @@ def relion_particles(work: Path, n: int, snr: float, seed: int, box: int = 64, p
     return read_map(work / "truth_class001.mrc")
 
 
-def relion_mixture(work: Path, n: int, fractions: list[float], snr: float, seed: int) -> list[np.ndarray]:
-    """Particles of the three species of :func:`spa3d.data.default_mixture` projected by relion_project.
+def d2_mixture(work: Path, box: int = 64, pixel_size: float = 2.0) -> list[np.ndarray]:
+    """Three species of other proteins than :func:`spa3d.data.default_mixture`'s: the D2 tetramer of
+    :func:`d2_tetramer`, its A–B dimer (a 2-fold half), and the monomer (chain A) alone."""
+    import gemmi
+
+    from spa3d.io.atomic import density_from_atoms
+
+    st = gemmi.read_structure(str(d2_tetramer(work / "d2_tetramer.pdb")))
+    atoms = [(a.pos.tolist(), a.element.atomic_number, ch.name) for ch in st[0] for r in ch for a in r]
+    xyz = np.array([a[0] for a in atoms])
+    z = np.array([a[1] for a in atoms], dtype=float)
+    chain = np.array([a[2] for a in atoms])
+    species = [np.ones(len(xyz), bool), np.isin(chain, ["A", "B"]), chain == "A"]
+    # each species centred on its own centre of mass, as a picker would centre it
+    return [density_from_atoms(xyz[m], z[m], box, pixel_size) for m in species]
+
+
+def relion_mixture(work: Path, n: int, fractions: list[float], snr: float, seed: int,
+                   maps: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Particles of three species (default: :func:`spa3d.data.default_mixture`'s) projected by relion_project.
 
     Writes truth_classNNN.mrc, noisy.star (all particles, no class labels) and
     truth.star (the same with the true rlnClassNumber) into ``work``; the noise
@@ -119,7 +137,7 @@ def relion_mixture(work: Path, n: int, fractions: list[float], snr: float, seed:
     from spa3d.io.mrc import write_map
     from spa3d.io.star import read_star, write_star
 
-    maps = default_mixture()
+    maps = default_mixture() if maps is None else maps
     for k, m in enumerate(maps):
         write_map(work / f"truth_class{k + 1:03d}.mrc", m, 2.0)
     simulate([str(work / f"truth_class{k + 1:03d}.mrc") for k in range(len(maps))], work / "poses",
