@@ -797,3 +797,76 @@ def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps, allowe
                        res_shell.cpu().numpy(), pix_shell.cpu().numpy(),
                        ((xf.real * cp.real + xf.imag * cp.imag) * m).sum(1).cpu().numpy(),
                        ((cp.abs() ** 2) * m).sum(1).cpu().numpy())
+
+
+# ---- command line: ``spa3d class3d`` ----
+
+DESCRIPTION = ("Classify particles into K 3D classes against a reference map, with orientations and offsets searched "
+               "coarse-to-fine. Outputs RELION's run_itNNN_{classKKK.mrc,model.star,data.star,optimiser.star} in --o.")
+
+#: command-line option (argparse dest) -> field of Class3dOptions, for the options a user gives again with
+#: --continue (see spa3d.jobs.resume); angular_sampling and healpix_order both set healpix_order
+CLI_OPTIONS = {"K": "n_classes", "iter": "n_iter", "tau2_fudge": "tau2_fudge", "angular_sampling": "healpix_order",
+               "healpix_order": "healpix_order", "offset_range": "offset_range", "offset_step": "offset_step",
+               "ini_high": "ini_high", "particle_diameter": "particle_diameter", "zero_mask": "zero_mask",
+               "flatten_solvent": "flatten_solvent", "ctf": "ctf", "ctf_intact_first_peak": "ctf_intact_first_peak",
+               "ctf_phase_flipped": "ctf_phase_flipped", "firstiter_cc": "firstiter_cc", "sym": "symmetry",
+               "strict_highres_exp": "strict_highres_exp", "skip_align": "skip_align", "sigma_ang": "sigma_ang",
+               "fast_subsets": "fast_subsets", "batch_size": "batch_size", "seed": "seed", "device": "device",
+               "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler",
+               "dry_run": "dry_run"}
+
+
+def add_args(p) -> None:
+    from spa3d.jobs.args import add_dask, add_device, add_iterative, add_job_output
+
+    p.add_argument("--i", default=None, help="particle STAR file")
+    p.add_argument("--ref", default=None, help="reference map (.mrc), same box and pixel size as the particles")
+    add_job_output(p, "job directory")
+    p.add_argument("--K", type=int, default=4, help="number of classes (default 4)")
+    p.add_argument("--iter", type=int, default=25, help="number of iterations (default 25)")
+    p.add_argument("--tau2-fudge", type=float, default=4.0, help="regularisation parameter T (default 4)")
+    p.add_argument("--angular-sampling", type=float, default=7.5, help="angular sampling in degrees: 15, 7.5, "
+                   "3.7 (default 7.5)")
+    p.add_argument("--healpix-order", type=int, default=None,
+                   help="coarse HEALPix order (overrides --angular-sampling; 7.5° = 2)")
+    p.add_argument("--offset-range", type=float, default=5.0, help="offset search range in pixels (default 5)")
+    p.add_argument("--offset-step", type=float, default=1.0, help="offset search step in pixels (default 1)")
+    p.add_argument("--ini-high", type=float, default=50.0, help="initial low-pass of the reference in Å (default 50)")
+    p.add_argument("--particle-diameter", type=float, default=None, help="mask diameter in Å (default: the box)")
+    p.add_argument("--zero-mask", action="store_true", help="zeros outside the mask (default: noise)")
+    p.add_argument("--flatten-solvent", action="store_true", help="mask the class maps with the particle sphere")
+    p.add_argument("--ctf", action="store_true", help="CTF correction")
+    p.add_argument("--ctf-intact-first-peak", action="store_true")
+    p.add_argument("--ctf-phase-flipped", action="store_true")
+    p.add_argument("--firstiter-cc", action="store_true",
+                   help="first iteration by cross-correlation (reference not on absolute greyscale)")
+    p.add_argument("--sym", default="C1", help="point group (default C1)")
+    p.add_argument("--strict-highres-exp", type=float, default=-1.0,
+                   help="never use frequencies beyond this resolution (Å) in the E-step")
+    p.add_argument("--skip-align", action="store_true", help="classify at the particles' stored poses")
+    p.add_argument("--sigma-ang", type=float, default=-1.0,
+                   help="local searches: σ in degrees of the prior on angles around the stored poses")
+    p.add_argument("--fast-subsets", action="store_true",
+                   help="random subsets in the first 15 iterations: K*1500, K*4500 particles, then 30%%")
+    p.add_argument("--batch-size", type=int, default=None, help="particles per batch (default: from free memory)")
+    add_iterative(p)
+    add_device(p)
+    add_dask(p)
+
+
+def main(a) -> None:
+    from spa3d.geometry.sampling import healpix_order_for_sampling
+    from spa3d.jobs.args import given_options, start_log
+
+    order = a.healpix_order if a.healpix_order is not None else healpix_order_for_sampling(a.angular_sampling)
+    o = Class3dOptions(n_classes=a.K, n_iter=a.iter, tau2_fudge=a.tau2_fudge, healpix_order=order,
+                       offset_range=a.offset_range, offset_step=a.offset_step, ini_high=a.ini_high,
+                       particle_diameter=a.particle_diameter, zero_mask=a.zero_mask, flatten_solvent=a.flatten_solvent,
+                       ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak, ctf_phase_flipped=a.ctf_phase_flipped,
+                       firstiter_cc=a.firstiter_cc, symmetry=a.sym, strict_highres_exp=a.strict_highres_exp,
+                       skip_align=a.skip_align, sigma_ang=a.sigma_ang, fast_subsets=a.fast_subsets,
+                       batch_size=a.batch_size, seed=a.seed, dry_run=a.dry_run,
+                       device=a.device, threads=a.threads, workers=a.workers, dask_scheduler=a.dask_scheduler)
+    start_log(a)
+    run_class3d(a.i, a.ref, a.o, o, continue_from=a.continue_from, given=given_options(a, CLI_OPTIONS))

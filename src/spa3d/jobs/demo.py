@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from spa3d.analysis.metrics import adjusted_rand_index
-from spa3d.cli.main import main
+from spa3d.cli.main import main as spa3d_command
 from spa3d.data import default_mixture
 from spa3d.fourier.filters import fsc, resolution_at
 from spa3d.io.mrc import read_map, write_map
@@ -64,7 +64,7 @@ def _last_job(project: Path) -> str:
 
 
 def _run(project: Path, args: list[str]) -> str:
-    if main([*args, "--project", str(project)]) != 0:
+    if spa3d_command([*args, "--project", str(project)]) != 0:
         raise RuntimeError(f"demo step failed: spa3d {' '.join(args)}")
     return _last_job(project)
 
@@ -107,7 +107,7 @@ def run_demo(project: str | Path | None = None, n_particles: int = 2000, seed: i
     im_map = its[-1]
     res["initial_model_fsc05"], mirrored = _fsc05(read_map(im_map)[0], truth, apix)
     aligned_map = im_map.with_name(im_map.stem + "_alignC5.mrc")
-    if main(["align-symmetry", "--i", str(im_map), "--o", str(aligned_map), "--sym", "C5"]) != 0:
+    if spa3d_command(["align-symmetry", "--i", str(im_map), "--o", str(aligned_map), "--sym", "C5"]) != 0:
         raise RuntimeError("demo step failed: spa3d align-symmetry")
     from spa3d.report.job_report import make_report
 
@@ -166,3 +166,25 @@ def run_demo(project: str | Path | None = None, n_particles: int = 2000, seed: i
     print(f"  reports: {', '.join(str(project / j / 'report.html') for j in (imp, im, cl, sel, ext) if (project / j / 'report.html').exists())}")
     print(f"  pipeline: {project / 'default_pipeline.star'} (open the project in RELION's GUI)")
     return {"project": str(project), "times": times, **res}
+
+
+# ---- command line: ``spa3d demo`` ----
+
+DESCRIPTION = ("Simulate micrographs and particles of the embedded structure, then run spa3d's jobs on them and "
+               "report resolution against the ground truth.")
+
+
+def add_args(p) -> None:
+    p.add_argument("--project", default=None, help="project directory (default: a new ./spa3d_demo*)")
+    p.add_argument("--n", type=int, default=2000, help="number of particles (default 2000)")
+    p.add_argument("--quick", action="store_true", help="shorter schedules (a smoke test, not for the results)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+
+
+def main(a) -> None:
+    from spa3d.jobs.progress import setup_logging
+
+    setup_logging(quiet=a.quiet)
+    run_demo(a.project, n_particles=a.n, seed=a.seed, device=a.device, quick=a.quick)

@@ -371,3 +371,53 @@ def run_extract(mics_star: str | Path, particles_star: str | Path, out_dir: str 
              + f", {summary['pixel_size']:.4f} Å/px; {n_edge} box(es) crossed a micrograph edge (edge pixels repeated)"
              + (f"; {summary['n_left_out']} left out (micrograph not listed)" if summary["n_left_out"] else ""))
     return summary
+
+
+# ---- command line: ``spa3d extract`` ----
+
+DESCRIPTION = ("Cut the particles of a STAR file again from their micrographs, in a new box, optionally rescaled, "
+               "normalised and contrast-inverted; writes one stack per micrograph and EXTDIR/particles.star with the "
+               "new optics.")
+
+
+def add_args(p) -> None:
+    from spa3d.jobs.args import add_job_output
+
+    p.add_argument("--mics", required=True, help="micrographs STAR file (micrographs_ctf.star)")
+    p.add_argument("--reextract", required=True,
+                   help="particle STAR file to re-extract (e.g. Select/job019/particles.star)")
+    add_job_output(p, "job directory")
+    p.add_argument("--box", type=int, default=360, help="box size in pixels of the micrograph (even; default 360)")
+    p.add_argument("--rescale", type=int, default=None, help="rescale the box to this many pixels (even; default: no)")
+    p.add_argument("--invert", action="store_true", help="invert contrast (dark protein becomes white)")
+    p.add_argument("--norm", action="store_true", help="normalise with the background outside the circle")
+    p.add_argument("--bg-diameter", type=float, default=-1.0,
+                   help="diameter of the background circle in pixels before rescaling (default 75%% of the box)")
+    p.add_argument("--no-ramp", action="store_true", help="subtract only the background mean, not a fitted plane")
+    p.add_argument("--white-dust", type=float, default=-1.0, help="remove white dust above S SDs (-1: off)")
+    p.add_argument("--black-dust", type=float, default=-1.0, help="remove black dust below S SDs (-1: off)")
+    p.add_argument("--reset-offsets", action="store_true", help="set rlnOriginX/YAngst to zero")
+    p.add_argument("--recenter", action="store_true", help="move the refined offsets into the coordinates")
+    p.add_argument("--recenter-x", type=float, default=0.0, help="re-centre on this x (pixels of the reference)")
+    p.add_argument("--recenter-y", type=float, default=0.0, help="re-centre on this y (pixels of the reference)")
+    p.add_argument("--recenter-z", type=float, default=0.0, help="re-centre on this z (pixels of the reference)")
+    p.add_argument("--ref-angpix", type=float, default=-1.0,
+                   help="pixel size of the reference for --recenter-x/y/z in Å (default: the particles')")
+    p.add_argument("--angpix", type=float, default=None,
+                   help="micrograph pixel size in Å (default: rlnMicrographPixelSize of the micrograph STAR file)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of dust replacement (default 0)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def main(a) -> None:
+    from spa3d.jobs.args import start_log
+
+    o = ExtractOptions(box=a.box, rescale=a.rescale, invert=a.invert, norm=a.norm, bg_diameter=a.bg_diameter,
+                       white_dust=a.white_dust, black_dust=a.black_dust, ramp=not a.no_ramp,
+                       reset_offsets=a.reset_offsets, recenter=a.recenter,
+                       recenter_xyz=(a.recenter_x, a.recenter_y, a.recenter_z), ref_angpix=a.ref_angpix,
+                       angpix=a.angpix, seed=a.seed)
+    _check_options(o)  # before creating the job directory
+    Path(a.o).mkdir(parents=True, exist_ok=True)
+    start_log(a, Path(a.o) / "run.log")
+    run_extract(a.mics, a.reextract, a.o, o)

@@ -240,3 +240,85 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
         log.info(rate.summary())
     log.info(f"done in {time.perf_counter() - start:.1f} s: {job / f'run_it{state.iteration:03d}_class001.mrc'}")
     return state
+
+
+# ---- command line: ``spa3d initial-model`` ----
+
+DESCRIPTION = ("Build a 3D map from particles alone by stochastic gradient descent. Defaults are the RELION "
+               "tutorial's values (step 17).")
+
+#: command-line option (argparse dest) -> field of InitialModelOptions, for the options a user gives again with
+#: --continue (see spa3d.jobs.resume); angular_sampling and healpix_order both set healpix_order
+CLI_OPTIONS = {"K": "n_classes", "sym": "symmetry", "particle_diameter": "particle_diameter",
+               "flatten_solvent": "flatten_solvent", "ctf": "ctf", "ctf_intact_first_peak": "ctf_intact_first_peak",
+               "ctf_phase_flipped": "ctf_phase_flipped", "angular_sampling": "healpix_order",
+               "healpix_order": "healpix_order", "offset_range": "offset_range", "offset_step": "offset_step",
+               "sgd_ini_iter": "schedule.ini_iter", "sgd_inbetween_iter": "schedule.inbetween_iter",
+               "sgd_fin_iter": "schedule.fin_iter", "sgd_ini_resol": "schedule.ini_resol",
+               "sgd_fin_resol": "schedule.fin_resol", "sgd_ini_subset": "schedule.ini_subset",
+               "sgd_fin_subset": "schedule.fin_subset", "sgd_write_iter": "write_iter",
+               "incr_size": "incr_size", "sgd_stepsize": "step_size", "mu": "momentum", "final_em": "final_em",
+               "exhaustive_search": "exhaustive", "dry_run": "dry_run",
+               "seed": "seed", "device": "device", "threads": "threads", "workers": "workers",
+               "dask_scheduler": "dask_scheduler"}
+
+
+def add_args(p) -> None:
+    import argparse
+
+    from spa3d.jobs.args import add_dask, add_device, add_iterative, add_job_output
+
+    p.add_argument("--i", default=None, help="particle STAR file")
+    add_job_output(p, "job directory")
+    p.add_argument("--K", type=int, default=1, help="number of classes (default 1)")
+    p.add_argument("--sym", default="C1", help="point group (default C1)")
+    p.add_argument("--particle-diameter", type=float, default=200.0, help="mask diameter in Å (default 200)")
+    p.add_argument("--flatten-solvent", action=argparse.BooleanOptionalAction, default=True,
+                   help="flatten and enforce non-negative solvent (default on)")
+    p.add_argument("--ctf", action=argparse.BooleanOptionalAction, default=True, help="CTF correction (default on)")
+    p.add_argument("--ctf-intact-first-peak", action="store_true")
+    p.add_argument("--ctf-phase-flipped", action="store_true")
+    p.add_argument("--angular-sampling", type=float, default=15.0, help="angular sampling in degrees (default 15)")
+    p.add_argument("--healpix-order", type=int, default=None, help="HEALPix order (overrides --angular-sampling)")
+    p.add_argument("--offset-range", type=float, default=6.0, help="offset search range in pixels (default 6)")
+    p.add_argument("--offset-step", type=float, default=2.0, help="offset search step in pixels (default 2)")
+    p.add_argument("--sgd-ini-iter", type=int, default=25)
+    p.add_argument("--sgd-inbetween-iter", type=int, default=100)
+    p.add_argument("--sgd-fin-iter", type=int, default=25)
+    p.add_argument("--sgd-write-iter", type=int, default=10)
+    p.add_argument("--sgd-ini-resol", type=float, default=35.0, help="initial resolution in Å (default 35)")
+    p.add_argument("--sgd-fin-resol", type=float, default=15.0, help="final resolution in Å (default 15)")
+    p.add_argument("--sgd-ini-subset", type=int, default=100)
+    p.add_argument("--sgd-fin-subset", type=int, default=500)
+    p.add_argument("--incr-size", type=float, default=10.0,
+                   help="Fourier shells searched beyond the scheduled resolution (RELION's --incr_size, default 10)")
+    p.add_argument("--sgd-stepsize", type=float, default=0.5, help="SGD step size (RELION's default 0.5)")
+    p.add_argument("--mu", type=float, default=0.9, help="SGD momentum (RELION's default 0.9)")
+    p.add_argument("--final-em", type=int, default=1,
+                   help="the last N iterations are EM steps over all particles, offsets searched at half the "
+                        "step (default 1; 0 is RELION's behaviour)")
+    p.add_argument("--exhaustive-search", action="store_true",
+                   help="score every pose at the fine sampling (default: coarse-to-fine, RELION's adaptive "
+                        "oversampling: a coarse pass at the --angular-sampling step, then the significant poses' "
+                        "children at half the angular and translational step)")
+    add_iterative(p)
+    add_device(p)
+    add_dask(p)
+
+
+def main(a) -> None:
+    from spa3d.geometry.sampling import healpix_order_for_sampling
+    from spa3d.jobs.args import given_options, start_log
+
+    order = a.healpix_order if a.healpix_order is not None else healpix_order_for_sampling(a.angular_sampling)
+    sched = SgdSchedule(a.sgd_ini_iter, a.sgd_inbetween_iter, a.sgd_fin_iter, a.sgd_ini_resol, a.sgd_fin_resol,
+                        a.sgd_ini_subset, a.sgd_fin_subset)
+    o = InitialModelOptions(n_classes=a.K, symmetry=a.sym, particle_diameter=a.particle_diameter,
+                            flatten_solvent=a.flatten_solvent, ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak,
+                            ctf_phase_flipped=a.ctf_phase_flipped, healpix_order=order, offset_range=a.offset_range,
+                            offset_step=a.offset_step, schedule=sched, write_iter=a.sgd_write_iter, seed=a.seed,
+                            incr_size=a.incr_size, step_size=a.sgd_stepsize, momentum=a.mu, final_em=a.final_em,
+                            exhaustive=a.exhaustive_search, dry_run=a.dry_run, workers=a.workers,
+                            dask_scheduler=a.dask_scheduler, device=a.device, threads=a.threads)
+    start_log(a)
+    run_initial_model(a.i, a.o, o, continue_from=a.continue_from, given=given_options(a, CLI_OPTIONS))

@@ -115,3 +115,39 @@ def reconstruct(star: str, output: str, opts: ReconstructOptions, project_dir: s
     write_map(output, vol, apix)
     log.info(f"wrote {output} ({prog.elapsed:.1f} s)")
     return vol
+
+
+# ---- command line: ``spa3d reconstruct`` ----
+
+DESCRIPTION = ("Reconstruct a map from the particles of a STAR file at their poses (rlnAngleRot/Tilt/Psi in degrees, "
+               "rlnOriginX/YAngst in Å).")
+
+
+def add_args(p) -> None:
+    from spa3d.jobs.args import add_dask, add_device
+
+    p.add_argument("--i", required=True, help="particle STAR file (RELION 3.1, or 3.0)")
+    p.add_argument("--o", required=True, help="output map (.mrc)")
+    p.add_argument("--ctf", action="store_true", help="apply CTF correction")
+    p.add_argument("--ctf-intact-first-peak", action="store_true", help="leave CTFs intact until their first peak")
+    p.add_argument("--ctf-phase-flipped", action="store_true", help="images have been phase-flipped")
+    p.add_argument("--sym", default="C1", help="point group: Cn, Dn, T, O, I (default C1)")
+    p.add_argument("--maxres", type=float, default=None, help="maximum resolution in Å (default Nyquist)")
+    p.add_argument("--pad", type=int, default=2, help="padding factor (default 2)")
+    p.add_argument("--subset", type=int, default=None, help="only rlnRandomSubset 1 or 2")
+    p.add_argument("--class", dest="klass", type=int, default=None, help="only particles of this rlnClassNumber")
+    p.add_argument("--batch-size", type=int, default=256, help="particles per batch (default 256)")
+    add_device(p)
+    add_dask(p)
+    p.add_argument("--quiet", action="store_true")
+
+
+def main(a) -> None:
+    from spa3d.jobs.progress import setup_logging
+
+    setup_logging(quiet=a.quiet)
+    opts = ReconstructOptions(ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak,
+                              ctf_phase_flipped=a.ctf_phase_flipped, symmetry=a.sym, maxres=a.maxres, pad=a.pad,
+                              subset=a.subset, class_number=a.klass, device=a.device, threads=a.threads,
+                              batch_size=a.batch_size, workers=a.workers, dask_scheduler=a.dask_scheduler)
+    reconstruct(a.i, a.o, opts)

@@ -275,3 +275,33 @@ def parse_classes(text: str | None) -> list[int] | None:
         return [int(x) for x in re.split(r"[,\s]+", text.strip()) if x]
     except ValueError:
         raise InputError(None, f"--classes {text}: expected class numbers such as 1,3") from None
+
+
+# ---- command line: ``spa3d select`` ----
+
+DESCRIPTION = ("Write SELDIR/particles.star with the particles of the chosen classes of a classification (read from "
+               "the run_itNNN_data.star beside the model.star). Prints a ranking of the classes with the reasons.")
+
+
+def add_args(p) -> None:
+    from spa3d.jobs.args import add_job_output
+
+    p.add_argument("--i", required=True, help="a classification's run_itNNN_model.star")
+    add_job_output(p, "job directory (writes particles.star)")
+    p.add_argument("--classes", default=None, help="class numbers to keep, e.g. 3,4")
+    p.add_argument("--best", type=int, default=None, help="keep the N best-ranked classes")
+    p.add_argument("--recenter", action="store_true",
+                   help="move each particle's origin so its class's centre of mass is at the box centre")
+    p.add_argument("--regroup", type=int, default=0, help="merge groups into about N groups (default 0: keep)")
+    p.add_argument("--min-fraction", type=float, default=0.02,
+                   help="classes with a smaller share of the particles rank last (default 0.02)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def main(a) -> None:
+    from spa3d.jobs.args import start_log
+
+    Path(a.o).mkdir(parents=True, exist_ok=True)
+    start_log(a, Path(a.o) / "run.log")
+    run_select(a.i, a.o, SelectOptions(classes=parse_classes(a.classes), best=a.best, recenter=a.recenter,
+                                       regroup=a.regroup, min_fraction=a.min_fraction))

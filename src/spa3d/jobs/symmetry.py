@@ -137,3 +137,4 @@ def run_align_symmetry(inp: str, out: str, symmetry: str, working_box: int = 32,
           f"after {res.score_after:.4f}")
     print(f"wrote {out}")
     return res
+
