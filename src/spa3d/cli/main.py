@@ -15,6 +15,7 @@ import sys
 
 from spa3d import __version__
 from spa3d.errors import InputError
+from spa3d.jobs.runner import given_dests, run_job
 
 
 #: the jobs: name -> (module defining ``add_args(parser)``, ``main(args)``, HELP and DESCRIPTION; one-line help).
@@ -50,83 +51,18 @@ def build_parser(job: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-#: jobs that can run in a RELION project directory (--project), with their RELION job type
-PROJECT_JOBS = {"simulate": "Import", "initial-model": "InitialModel", "class3d": "Class3D", "select": "Select",
-                "extract": "Extract"}
-#: jobs that write report.html into their job directory when they end
-REPORTED_JOBS = ("simulate", "initial-model", "class3d", "select", "extract")
-
-
-def _continued_job_dir(args) -> str | None:
-    """The job directory a ``--continue`` resumes in: the directory given, or the optimiser.star's."""
-    cont = getattr(args, "continue_from", None)
-    if not cont:
-        return None
-    from pathlib import Path
-
-    p = Path(cont)
-    project = getattr(args, "project", None)
-    where = Path(project) / p if project and not p.is_absolute() else p  # --project: relative to the project
-    return str(p if where.is_dir() else p.parent)
-
-
-def _run_job(args) -> None:
-    if getattr(args, "dry_run", False):  # an estimate only: no job directory, no pipeline entry, no report
-        if getattr(args, "o", None) is None:
-            args.o = _continued_job_dir(args) or "."
-        args.func(args)
-        return
-    if args.job in PROJECT_JOBS and getattr(args, "project", None):
-        from spa3d.jobs.pipeline import job_nodes, project_job
-
-        if args.o is not None:
-            raise InputError(None, "give either --o or --project, not both")
-        with project_job(args.project, PROJECT_JOBS[args.job], args.command_line,
-                         continue_job=_continued_job_dir(args)) as record:
-            args.o = str(record.job_dir)
-            args.func(args)
-            record.inputs, record.outputs = job_nodes(args.job, args, record.job_dir)
-            _report(args)
-        return
-    if args.job in PROJECT_JOBS and args.o is None:
-        args.o = _continued_job_dir(args)
-        if args.o is None:
-            raise InputError(None, "give --o JOBDIR or --project DIR")
-    args.func(args)
-    _report(args)
-
-
-def _report(args) -> None:
-    if args.job in REPORTED_JOBS and not getattr(args, "no_report", False):
-        from spa3d.report.job_report import make_report
-
-        make_report(args.o)
-
-
-def _explicit_dests(argv: list[str], job: str | None) -> set[str]:
-    """Names (argparse dests) of the options that ``argv`` gives, as opposed to those left at their defaults."""
-    parser = build_parser(job)
-    for sub in parser._subparsers._group_actions[0].choices.values():
-        for action in sub._actions:
-            action.default = argparse.SUPPRESS
-    try:
-        return set(vars(parser.parse_args(argv))) - {"job", "func"}
-    except SystemExit:
-        return set()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(x) for x in argv]
     job = argv[0] if argv and argv[0] in JOBS else None
     parser = build_parser(job)
     args = parser.parse_args(argv)
     args.command_line = ["spa3d", *argv]
-    args.given_dests = _explicit_dests(argv, job)
+    args.given_dests = given_dests(importlib.import_module(JOBS[job][0]), argv[1:]) if job else set()
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
     try:
-        _run_job(args)
+        run_job(args)
     except InputError as exc:
         print(f"spa3d {args.job}: error: {exc}", file=sys.stderr)
         return 2

@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from spa3d.analysis.metrics import adjusted_rand_index
-from spa3d.cli.main import main as spa3d_command
 from spa3d.data import default_mixture
 from spa3d.fourier.filters import fsc, resolution_at
 from spa3d.io.mrc import read_map, write_map
 from spa3d.io.star import read_particles_star
 from spa3d.jobs.pipeline import Pipeline
+from spa3d.jobs.symmetry import run_align_symmetry
 from spa3d.maps.align import superpose
 
 log = logging.getLogger("spa3d")
@@ -64,8 +64,15 @@ def _last_job(project: Path) -> str:
 
 
 def _run(project: Path, args: list[str]) -> str:
-    if spa3d_command([*args, "--project", str(project)]) != 0:
-        raise RuntimeError(f"demo step failed: spa3d {' '.join(args)}")
+    """Run job ``args[0]`` with options ``args[1:]`` in ``project`` through its module's own options and entry point
+    (as the command line would: the project's next jobNNN, its pipeline entry and report); its job directory."""
+    import importlib
+
+    from spa3d.jobs.runner import parse_job_args, run_job
+
+    name = args[0]
+    module = importlib.import_module(f"spa3d.jobs.{name.replace('-', '_')}")
+    run_job(parse_job_args(name, module, [*args[1:], "--project", str(project)]))
     return _last_job(project)
 
 
@@ -107,8 +114,7 @@ def run_demo(project: str | Path | None = None, n_particles: int = 2000, seed: i
     im_map = its[-1]
     res["initial_model_fsc05"], mirrored = _fsc05(read_map(im_map)[0], truth, apix)
     aligned_map = im_map.with_name(im_map.stem + "_alignC5.mrc")
-    if spa3d_command(["align-symmetry", "--i", str(im_map), "--o", str(aligned_map), "--sym", "C5"]) != 0:
-        raise RuntimeError("demo step failed: spa3d align-symmetry")
+    run_align_symmetry(str(im_map), str(aligned_map), "C5")
     from spa3d.report.job_report import make_report
 
     make_report(project / im)  # again, now with the aligned map
