@@ -29,7 +29,7 @@ def mixture(tmp_path_factory):
 
 
 def _opts(**kw) -> Class3dOptions:
-    base = dict(n_classes=3, n_iter=6, healpix_order=1, ctf=True, zero_mask=True, flatten_solvent=True,
+    base = dict(n_classes=3, n_iter=10, healpix_order=1, ctf=True, zero_mask=True, flatten_solvent=True,
                 particle_diameter=110.0, firstiter_cc=True, seed=3)
     base.update(kw)
     return Class3dOptions(**base)
@@ -66,11 +66,34 @@ def test_class3d_best_class_resembles_its_species(mixture, classified):
     assert res < 30.0, f"FSC 0.5 of the intact-complex class vs ground truth: {res:.1f} Å"
 
 
+def test_class3d_reported_resolution_is_honest(mixture, classified):
+    """rlnEstimatedResolution of the intact complex's class is not finer than its FSC 0.143 against the truth,
+    and the run's rlnCurrentResolution follows the half sets' FSC each iteration (it may fall)."""
+    from spa3d.fourier.filters import fsc, resolution_at
+    from spa3d.maps.align import superpose
+
+    d, labels = mixture
+    job, maps, st = classified
+    best = np.bincount(st.classes[labels == 1], minlength=4).argmax()
+    truth = read_map(d / "truth_class001.mrc")[0]
+    aligned, _ = superpose(maps[best - 1], truth)
+    true_res = resolution_at(fsc(aligned, truth), 64, 2.0, 0.143)
+    model = read_star(job / "run_it010_model.star")
+    reported = float(model["model_classes"]["rlnEstimatedResolution"].iloc[best - 1])
+    assert reported >= true_res - 0.5, f"reported {reported:.1f} Å, true FSC 0.143 {true_res:.1f} Å"
+    half_fsc = model[f"model_class_{best}"]["rlnGoldStandardFsc"].to_numpy()
+    shell = np.nonzero(half_fsc[1:] < 0.5)[0][0]
+    assert reported == pytest.approx(64 * 2.0 / shell, rel=1e-3)
+    current = [float(read_star(job / f"run_it{it:03d}_model.star")["model_general"]["rlnCurrentResolution"].iloc[0])
+               for it in range(1, 11)]
+    assert max(current[1:]) > min(current[1:])  # measured each iteration, not a running best
+
+
 def test_class3d_writes_relion_outputs(classified):
     job, maps, st = classified
     for k in (1, 2, 3):
-        assert (job / f"run_it006_class{k:03d}.mrc").exists()
-    model = read_star(job / "run_it006_model.star")
+        assert (job / f"run_it010_class{k:03d}.mrc").exists()
+    model = read_star(job / "run_it010_model.star")
     cls = model["model_classes"]
     for col in ("rlnReferenceImage", "rlnClassDistribution", "rlnAccuracyRotations", "rlnAccuracyTranslationsAngst",
                 "rlnEstimatedResolution", "rlnOverallFourierCompleteness"):
@@ -78,7 +101,7 @@ def test_class3d_writes_relion_outputs(classified):
     # written with 6 decimals: each value within 5e-7 of the fraction
     assert abs(cls["rlnClassDistribution"].sum() - 1) <= 5e-7 * len(cls) + 1e-12
     assert "rlnSigma2Noise" in model["model_group_1"]
-    data = read_star(job / "run_it006_data.star")["particles"]
+    data = read_star(job / "run_it010_data.star")["particles"]
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber",
                 "rlnLogLikeliContribution", "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples",
                 "rlnNormCorrection"):
@@ -101,7 +124,7 @@ def test_relion_reads_class3d_outputs(mixture, classified, relion, tmp_path):
     d, _ = mixture
     job, maps, st = classified
     biggest = int(np.argmax(st.class_fractions)) + 1
-    relion("relion_star_handler", "--i", job / "run_it006_data.star", "--o", tmp_path / "sel.star", "--select",
+    relion("relion_star_handler", "--i", job / "run_it010_data.star", "--o", tmp_path / "sel.star", "--select",
            "rlnClassNumber", "--minval", biggest, "--maxval", biggest, cwd=d)
     relion("relion_reconstruct", "--i", tmp_path / "sel.star", "--o", tmp_path / "sel.mrc", "--maxres", "12", cwd=d)
     rel = lowpass(read_map(tmp_path / "sel.mrc")[0], 2.0, 12.0)
@@ -182,14 +205,14 @@ def test_select_best_picks_the_intact_complex(mixture, classified, tmp_path, cap
 
     _, labels = mixture
     job, maps, st = classified
-    assert main(["select", "--i", str(job / "run_it006_model.star"), "--o", str(tmp_path / "Sel"), "--best", "1"]) == 0
+    assert main(["select", "--i", str(job / "run_it010_model.star"), "--o", str(tmp_path / "Sel"), "--best", "1"]) == 0
     table = capsys.readouterr().out
     assert "rank class" in table and "best resolution" in table
     sel = read_particles_star(tmp_path / "Sel" / "particles.star").particles
     chosen = int(sel["rlnClassNumber"].iloc[0])
     complex_class = np.bincount(st.classes[labels == 1]).argmax()
     assert chosen == complex_class
-    names = read_particles_star(job / "run_it006_data.star").particles["rlnImageName"]
+    names = read_particles_star(job / "run_it010_data.star").particles["rlnImageName"]
     truth = dict(zip(names, labels))
     purity = np.mean([truth[n] == 1 for n in sel["rlnImageName"]])
     assert purity >= 0.9, f"{100 * purity:.0f}% of the selected particles are the complex"

@@ -169,3 +169,44 @@ def test_fine_pass_kernels_match_torch_products():
         if threads == 1:
             acc1 = acc
     assert torch.equal(acc, acc1)  # the same sums in the same order for any thread count
+
+
+def test_noise_statistics_are_posterior_weighted_residuals():
+    """σ²'s residual sum is Σ over every pose of p·m·|X·S − C·P|² (RELION), not the best pose's residual."""
+    from spa3d.geometry.euler import random_rotations
+    from spa3d.inference.estep import expectation
+
+    n, r_max = 24, 8
+    px = FourierPixels.make(n, r_max)
+    g = torch.Generator().manual_seed(3)
+    n_pix = px.kx.shape[0]
+    n_img, n_rot = 30, 5
+    rots = torch.as_tensor(random_rotations(n_rot, np.random.default_rng(3)), dtype=torch.float32)
+    refs = [torch.complex(torch.randn(n_rot, n_pix, generator=g), torch.randn(n_rot, n_pix, generator=g))
+            for _ in range(2)]
+    trans = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -1.0]])
+    ctf = 0.2 + torch.rand(n_img, n_pix, generator=g)
+    noise = 1.5 * torch.complex(torch.randn(n_img, n_pix, generator=g), torch.randn(n_img, n_pix, generator=g))
+    x = ctf * refs[0][torch.arange(n_img) % n_rot] + noise  # noisy: the posteriors spread over several poses
+    sigma2 = torch.full((n_pix,), 40.0)
+    post = expectation(x, ctf, px, sigma2, refs, np.log([0.5, 0.5]), rots, trans, 2.0)
+    # brute force: log-likelihoods and residuals of every (class, translation, rotation)
+    phases = px.shift_phases(trans)
+    m = px.multiplicity
+    xs = x[:, None, :] * phases[None]  # (B, T, P)
+    ll, res = [], []
+    for k in range(2):
+        d = xs[:, :, None, :] - (ctf[:, None, None, :] * refs[k][None, None])  # (B, T, R, P)
+        r2 = (d.abs() ** 2 * m).double()  # (B, T, R, P)
+        prior_t = -(trans**2).sum(1).double() / (2 * 2.0**2)
+        ll.append(-0.5 * (r2 / sigma2.double()).sum(-1) + prior_t[None, :, None])
+        res.append(r2)
+    ll = torch.stack(ll, 1)  # (B, K, T, R)
+    p = torch.softmax(ll.reshape(n_img, -1), 1).reshape(ll.shape)
+    assert float(p.reshape(n_img, -1).max(1).values.mean()) < 0.9  # posteriors are broad here
+    per_pixel = (p[..., None] * torch.stack(res, 1)).sum((0, 1, 2, 3))  # (P,)
+    want = torch.zeros(int(px.shell.max()) + 1, dtype=torch.float64).index_add_(0, px.shell, per_pixel)
+    np.testing.assert_allclose(post.residual_power, want.numpy(), rtol=2e-4)
+    # the best pose's residual alone is smaller: it would under-estimate σ²
+    best = torch.stack(res, 1).reshape(n_img, -1, n_pix)[torch.arange(n_img), p.reshape(n_img, -1).argmax(1)].sum(0)
+    assert float(best.sum()) < 0.99 * float(want.sum())

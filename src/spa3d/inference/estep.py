@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from spa3d.fourier.backprojector import BackProjector
-from spa3d.inference.likelihood import FourierPixels, log_likelihoods
+from spa3d.inference.likelihood import FourierPixels, log_likelihoods, residual_power, residual_power_terms
 
 
 @dataclass
@@ -32,7 +32,7 @@ class BatchPosterior:
     n_significant: np.ndarray
     log_evidence: np.ndarray
     class_posterior: np.ndarray  # (B, K)
-    residual_power: np.ndarray  # (n_shells,) Σ|X S − C P|² at the best pose, summed over images
+    residual_power: np.ndarray  # (n_shells,) Σ p·m·|X S − C P|² over every pose (posterior-weighted), summed over images
     pixel_count: np.ndarray  # (n_shells,) pixels per shell summed over images
 
 
@@ -75,28 +75,29 @@ def expectation(x: torch.Tensor, ctf: torch.Tensor, px: FourierPixels, sigma2: t
     best_t = (arg // r_all) % n_t
     best_r = arg % r_all
     n_sig = (pflat > significant * pmax[:, None]).sum(1)
-    # residuals at the best pose, per shell
     nsh = int(px.shell.max()) + 1
-    best_proj = torch.stack(refs)[best_k, best_r]  # (B, P)
-    resid = (x * phases[best_t] - ctf * best_proj).abs() ** 2 * px.multiplicity
-    res_power = torch.zeros(nsh, dtype=torch.float64, device=x.device).index_add_(0, px.shell, resid.sum(0).double())
-    count = torch.zeros(nsh, dtype=torch.float64, device=x.device).index_add_(0, px.shell, px.multiplicity.double() * b)
-    if backprojectors is not None:
-        cxs = (x[:, None, :] * phases[None]) * ctf[:, None, :]  # (B, T, P)
-        cxs = cxs.reshape(b * n_t, -1)
-        c2 = ctf * ctf
-        for k in range(k_cls):
-            pk = post[:, k]  # (B, T, R)
-            mass = pk.sum((0, 1))
-            keep = (mass > 1e-6 * max(float(mass.max()), 1e-30)).nonzero()[:, 0]
-            if len(keep) == 0:
-                continue
-            pr = pk[:, :, keep].reshape(b * n_t, -1).T  # (R', BT)
-            data = torch.complex(pr @ cxs.real, pr @ cxs.imag)  # (R', P)
-            wsum = pk[:, :, keep].sum(1).T @ c2  # (R', P)
+    count = torch.zeros(nsh, dtype=torch.float64, device=x.device).index_add_(
+        0, px.shell, px.multiplicity.double() * b)
+    # the posterior-weighted residuals of every pose (the noise power's statistics) and the M-step sums
+    res_terms = torch.zeros((3, nsh), dtype=torch.float64, device=x.device)
+    cxs = ((x[:, None, :] * phases[None]) * ctf[:, None, :]).reshape(b * n_t, -1)  # (B·T, P)
+    c2 = ctf * ctf
+    x_term = x  # the images' power enters the residual sum once
+    for k in range(k_cls):
+        pk = post[:, k]  # (B, T, R)
+        mass = pk.sum((0, 1))
+        keep = (mass > 1e-6 * max(float(mass.max()), 1e-30)).nonzero()[:, 0]
+        if len(keep) == 0:
+            continue
+        pr = pk[:, :, keep].reshape(b * n_t, -1).T  # (R', BT)
+        data = torch.complex(pr @ cxs.real, pr @ cxs.imag)  # (R', P)
+        wsum = pk[:, :, keep].sum(1).T @ c2  # (R', P)
+        res_terms += residual_power_terms(px, x_term, data, wsum, refs[k][keep])
+        x_term = x[:0]
+        if backprojectors is not None:
             if residual:
                 data = data - wsum * refs[k][keep]
             backprojectors[k].insert_pixels(data, wsum, rotations[keep], px.kx, px.ky)
     return BatchPosterior(best_k.cpu().numpy(), best_r.cpu().numpy(), best_t.cpu().numpy(), pmax.cpu().numpy(),
-                          n_sig.cpu().numpy(), log_evidence, post.sum((2, 3)).cpu().numpy(), res_power.cpu().numpy(),
+                          n_sig.cpu().numpy(), log_evidence, post.sum((2, 3)).cpu().numpy(), residual_power(res_terms).cpu().numpy(),
                           count.cpu().numpy())

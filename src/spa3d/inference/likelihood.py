@@ -102,3 +102,33 @@ def coarse_terms(images: torch.Tensor, ctf: torch.Tensor, weights: torch.Tensor,
 def gemm_flops(b: int, t: int, r: int, p: int) -> int:
     """FLOPs of the two products in :func:`log_likelihoods`."""
     return 2 * (b * t) * (2 * p) * r + 2 * b * p * r
+
+
+def residual_power_terms(px: FourierPixels, images: torch.Tensor, data: torch.Tensor, weight: torch.Tensor,
+                         projections: torch.Tensor) -> torch.Tensor:
+    """The posterior-weighted residual power per shell, as three terms (3, shells of ``px``), float64.
+
+    Σ_b Σ_poses p·m·|X_b S − C_b P|² = t[0] − 2·t[1] + t[2] with (posteriors summing to 1 per image)
+
+        t[0] = Σ_b m|X_b|²,  t[1] = Re Σ_u m·data_u·conj(P_u),  t[2] = Σ_u m·weight_u·|P_u|²
+
+    where, per projection u, data_u = Σ p·C·X·S and weight_u = Σ p·C² are the
+    sums the M-step inserts. The noise power σ² of the next iteration is the
+    residual power over the pixel count (RELION: the σ² update sums the
+    residuals of every significant sample, weighted by its posterior); kept
+    as terms, the residual against a reference rescaled by s is
+    t[0] − 2s·t[1] + s²·t[2]. images: (B, P) the images the sums cover;
+    data (U, P) complex; weight (U, P) real; projections (U, P) complex.
+    """
+    nsh = int(px.shell.max()) + 1
+    m = px.multiplicity.double()
+    f64 = torch.float64
+    terms = torch.stack([(images.real**2 + images.imag**2).sum(0, dtype=f64),
+                         (data.real * projections.real + data.imag * projections.imag).sum(0, dtype=f64),
+                         (weight * (projections.real**2 + projections.imag**2)).sum(0, dtype=f64)]) * m
+    return torch.zeros((3, nsh), dtype=f64, device=images.device).index_add_(1, px.shell, terms)
+
+
+def residual_power(terms, scale: float = 1.0):
+    """Residual power per shell from :func:`residual_power_terms` (summed), against the reference × ``scale``."""
+    return terms[0] - 2 * scale * terms[1] + scale**2 * terms[2]

@@ -33,7 +33,7 @@ from spa3d import kernels
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.fourier.projector import Projector
-from spa3d.inference.likelihood import FourierPixels, coarse_terms
+from spa3d.inference.likelihood import FourierPixels, coarse_terms, residual_power, residual_power_terms
 
 
 @dataclass
@@ -83,12 +83,13 @@ class BatchResult:
     rot_spread_deg: np.ndarray  # posterior RMS angle to the best rotation
     trans_spread_px: np.ndarray  # posterior RMS distance to the best translation
     offset_sq_sum: float  # Σ_b Σ p·|old offset + t|² (pixels²), for the offset prior
-    residual_shell: np.ndarray  # (nsh,) Σ_b m·|X·S − C·P|² at the best pose, per shell of the fine radius
+    residual_shell: np.ndarray  # (nsh,) Σ_b Σ_poses p·m·|X·S − C·P|² (posterior-weighted), per shell of the fine radius
     pixel_shell: np.ndarray  # (nsh,) Σ_b m per shell
     scale_xa: np.ndarray  # (B,) Σ Re(X·S · conj(C·P)) at the best pose (group scale statistics)
     scale_aa: np.ndarray  # (B,) Σ |C·P|²
     flops: float = 0.0  # floating-point operations of the batch's products (likelihoods and M-step sums)
     poses: float = 0.0  # (class, rotation, translation) samples scored, summed over the batch's images
+    residual_terms: np.ndarray | None = None  # (3, nsh) residual_shell's terms (see likelihood.residual_power_terms)
 
 
 def significant_samples(ll: torch.Tensor, fraction: float, max_samples: int):
@@ -134,7 +135,8 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
                  allowed_class: torch.Tensor | None = None, hard: bool = False,
                  adaptive_fraction: float = 0.999, max_significant: int = 256,
                  prior_rot: torch.Tensor | None = None, sigma_ang: float | None = None,
-                 marginalise_broad: bool = True, pair_chunk: int = 512, residual: bool = False) -> BatchResult:
+                 marginalise_broad: bool = True, pair_chunk: int = 512, residual: bool = False,
+                 half: torch.Tensor | None = None) -> BatchResult:
     """E-step (and M-step sums) for one batch.
 
     x_full: (B, n, n//2+1) complex image FTs shifted by the old offsets;
@@ -150,6 +152,8 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     coarse grid (else their posterior is cut to the top samples).
     residual: the back-projectors receive the residuals Σ p·C·(X·S − C·P) at
     every pose instead of Σ p·C·X·S (RELION's SGD gradient), same weights.
+    half: (B,) 0 or 1, the random half set of each image; then ``backprojectors``
+    holds 2K back-projectors, half h's class k at index h·K + k.
     """
     dev = x_full.device
     b = x_full.shape[0]
@@ -209,7 +213,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
         "rot_spread": torch.zeros(b, device=dev), "trans_spread": torch.zeros(b, device=dev),
         "xa": torch.zeros(b, device=dev), "aa": torch.zeros(b, device=dev)}
     nsh = int(px_fine.shell.max()) + 1
-    sums = {"off_sq": 0.0, "flops": 0.0, "poses": 0.0, "res_shell": torch.zeros(nsh, dtype=torch.float64, device=dev),
+    sums = {"off_sq": 0.0, "flops": 0.0, "poses": 0.0, "res_terms": torch.zeros((3, nsh), dtype=torch.float64, device=dev),
             "pix_shell": torch.zeros(nsh, dtype=torch.float64, device=dev)}
     n_pc, n_tc, n_rc = xc.shape[1], grid.coarse_trans.shape[0], grid.coarse_rot.shape[0]
     sums["flops"] += k_cls * (2.0 * b * n_tc * 2 * n_pc * n_rc + 2.0 * b * n_pc * n_rc)  # cross and power GEMMs
@@ -217,19 +221,20 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     if bool(broad.any()):
         sel = broad.nonzero()[:, 0]
         _coarse_marginal(sel, ll[sel].reshape(len(sel), -1), x_full[sel], ctf_full[sel], old_offsets[sel], grid, projectors, px_fine,
-                         sigma2_shell, k_cls, backprojectors, out, sums, residual)
+                         sigma2_shell, k_cls, backprojectors, out, sums, residual, None if half is None else half[sel])
         n_sig[sel] = -1
     del ll
     if len(img):
         _fine_pass(img, flat, b, ~broad, x_full, ctf_full, old_offsets, grid, projectors, px_fine, sigma2_shell,
                    log_class_prior, k_cls, hard, prior_t, prior_r if local else None, backprojectors, pair_chunk,
-                   out, sums, residual)
+                   out, sums, residual, half)
     return BatchResult(out["bk"].cpu().numpy(), out["brot"].cpu().numpy(), out["btrans"].cpu().numpy(),
                        out["pmax"].cpu().numpy(), n_sig.cpu().numpy(), out["loge"].cpu().numpy(),
                        out["class_post"].cpu().numpy(), out["rot_spread"].sqrt().cpu().numpy(),
                        out["trans_spread"].sqrt().cpu().numpy(), float(sums["off_sq"]),
-                       sums["res_shell"].cpu().numpy(), sums["pix_shell"].cpu().numpy(), out["xa"].cpu().numpy(),
-                       out["aa"].cpu().numpy(), sums["flops"], sums["poses"])
+                       residual_power(sums["res_terms"]).cpu().numpy(), sums["pix_shell"].cpu().numpy(),
+                       out["xa"].cpu().numpy(), out["aa"].cpu().numpy(), sums["flops"], sums["poses"],
+                       sums["res_terms"].cpu().numpy())
 
 
 def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowed_class, log_prior_t, log_prior_r,
@@ -262,7 +267,8 @@ def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowe
 
 
 def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell,
-               log_class_prior, k_cls, hard, prior_t, prior_r, backprojectors, pair_chunk, out, sums, residual=False):
+               log_class_prior, k_cls, hard, prior_t, prior_r, backprojectors, pair_chunk, out, sums, residual=False,
+               half=None):
     """Score the children of the significant coarse samples (image ``img``, flat index ``flat``); fill ``out``."""
     dev = x_full.device
     n_tc = grid.coarse_trans.shape[0]
@@ -278,13 +284,17 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     wf = _pixel_weights(p_fine, sigma2_shell, hard)
     child_r = pr[:, None] * 8 + torch.arange(8, device=dev)[None]  # (S, 8)
     child_t = pt[:, None] * 4 + torch.arange(4, device=dev)[None]  # (S, 4)
-    # projections of the fine rotations needed in this batch, per class
-    key = pk[:, None] * grid.fine_rot.shape[0] + child_r  # (S, 8) unique id of (class, fine rotation)
+    # projections of the fine rotations needed in this batch, per class (and half set: the M-step sums of the
+    # two halves go to separate back-projectors, so each (half, class, rotation) is a row of its own)
+    n_rf = grid.fine_rot.shape[0]
+    dest = pk if half is None else half[img] * k_cls + pk  # back-projector of each sample
+    key = dest[:, None] * n_rf + child_r  # (S, 8) unique id of (half, class, fine rotation)
     uniq, inv = torch.unique(key.reshape(-1), return_inverse=True)
     inv = inv.reshape(key.shape)
     table = torch.empty((len(uniq), p_fine.kx.shape[0]), dtype=torch.complex64, device=dev)
-    u_cls = uniq // grid.fine_rot.shape[0]
-    u_rot = uniq % grid.fine_rot.shape[0]
+    u_dest = uniq // n_rf
+    u_cls = u_dest % k_cls
+    u_rot = uniq % n_rf
     for k in range(k_cls):
         sel = (u_cls == k).nonzero()[:, 0]
         if len(sel):
@@ -354,13 +364,11 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     tot = old_offsets[img][:, None, :] + t_child
     off_sq = float((post.sum(2) * (tot**2).sum(-1)).sum())
 
-    # residuals and scale statistics at the best pose (images of the fine pass only)
+    # scale statistics at the best pose (images of the fine pass only)
     best_proj = table[inv[pair_of_best, j % 8]]  # (B, P)
     xs_best = xf * phases_f[bt]
     cp = cf * best_proj
     m = p_fine.multiplicity.to(torch.float32)
-    resid = ((xs_best - cp).abs() ** 2 * m)[sharp].sum(0).double()
-    sums["res_shell"].index_add_(0, p_fine.shell, resid)
     sums["pix_shell"].index_add_(0, p_fine.shell, m.double() * int(sharp.sum()))
     sums["off_sq"] += off_sq
     sel = sharp.nonzero()[:, 0]
@@ -375,37 +383,39 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     out["xa"][sel] = ((xs_best.real * cp.real + xs_best.imag * cp.imag) * m).sum(1)[sel]
     out["aa"][sel] = ((cp.real**2 + cp.imag**2) * m).sum(1)[sel]
 
+    # sum the contributions of all images per (class, fine rotation) first: one row each to insert
+    c2 = cf * cf
+    sums["flops"] += n_pairs * (24.0 + 128.0) * n_p + 2.0 * n_u * b * n_p  # Σ p·C·X·S per row; Σ p·C² GEMM
+    # Σ_t p over each sample's translations, per (image, table row): the CTF² weights as one GEMM-free sum
+    wrow = torch.zeros((b, n_u), dtype=torch.float32, device=dev)
+    wrow.index_put_((img[:, None].expand(-1, 8), inv), post.sum(1), accumulate=True)
+    xc = xf * cf
+    acc = kernels.fine_accumulate(xc, phases_f, post, img, child_t, inv, n_u)
+    if acc is None:
+        acc_ri = torch.zeros((n_u, 2 * n_p), dtype=torch.float32, device=dev)  # interleaved (re, im)
+        for s0 in range(0, n_pairs, pair_chunk):
+            s1 = min(n_pairs, s0 + pair_chunk)
+            ii = img[s0:s1]
+            pt_ = post[s0:s1].transpose(1, 2)  # (s, 8, 4)
+            xsc = xc[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
+            acc_ri.index_add_(0, inv[s0:s1].reshape(-1),
+                              torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
+        acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
+    acc_w = wrow.T @ c2  # (U, P)
+    # the noise power's statistics: residuals of every significant sample, weighted by its posterior
+    sums["res_terms"] += residual_power_terms(p_fine, xf[sharp], acc, acc_w, table)
     if backprojectors is not None:
-        # sum the contributions of all images per (class, fine rotation) first: one row each to insert
-        c2 = cf * cf
-        sums["flops"] += n_pairs * (24.0 + 128.0) * n_p + 2.0 * n_u * b * n_p  # Σ p·C·X·S per row; Σ p·C² GEMM
-        # Σ_t p over each sample's translations, per (image, table row): the CTF² weights as one GEMM-free sum
-        wrow = torch.zeros((b, n_u), dtype=torch.float32, device=dev)
-        wrow.index_put_((img[:, None].expand(-1, 8), inv), post.sum(1), accumulate=True)
-        xc = xf * cf
-        acc = kernels.fine_accumulate(xc, phases_f, post, img, child_t, inv, n_u)
-        if acc is None:
-            acc_ri = torch.zeros((n_u, 2 * n_p), dtype=torch.float32, device=dev)  # interleaved (re, im)
-            for s0 in range(0, n_pairs, pair_chunk):
-                s1 = min(n_pairs, s0 + pair_chunk)
-                ii = img[s0:s1]
-                pt_ = post[s0:s1].transpose(1, 2)  # (s, 8, 4)
-                xsc = xc[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
-                acc_ri.index_add_(0, inv[s0:s1].reshape(-1),
-                                  torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
-            acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
-        acc_w = wrow.T @ c2  # (U, P)
         if residual:  # Σ p·C·(X·S − C·P) = Σ p·C·X·S − (Σ p·C²)·P
             acc = acc - acc_w * table
-        for k in range(k_cls):
-            sel = (u_cls == k).nonzero()[:, 0]
+        for d, bp in enumerate(backprojectors):
+            sel = (u_dest == d).nonzero()[:, 0]
             if len(sel):
-                backprojectors[k].insert_pixels(acc[sel], acc_w[sel], grid.fine_rot[u_rot[sel]], p_fine.kx, p_fine.ky)
+                bp.insert_pixels(acc[sel], acc_w[sel], grid.fine_rot[u_rot[sel]], p_fine.kx, p_fine.ky)
 
 
 
 def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell, k_cls,
-                     backprojectors, out, sums, residual=False):
+                     backprojectors, out, sums, residual=False, half=None):
     """Images with broad posteriors: marginalise over every coarse sample (no fine pass), fill ``out[sel]``.
 
     ll: (B', K·Tc·Rc) coarse log-posteriors. The posterior-weighted images are
@@ -448,31 +458,37 @@ def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p
             best_proj[mine] = projectors[k].project_pixels(grid.coarse_rot[br[mine]], p_fine.kx, p_fine.ky).to(xf.dtype)
     xs_best = xf * phases[bt]
     cp = cf * best_proj
-    sums["res_shell"].index_add_(0, p_fine.shell, ((xs_best - cp).abs() ** 2 * m).sum(0).double())
     sums["pix_shell"].index_add_(0, p_fine.shell, m.double() * bb)
     out["xa"][sel] = ((xs_best.real * cp.real + xs_best.imag * cp.imag) * m).sum(1)
     out["aa"][sel] = ((cp.real**2 + cp.imag**2) * m).sum(1)
-    if backprojectors is None:
-        return
     cxs = (xf[:, None, :] * phases[None] * cf[:, None, :]).reshape(bb * n_tc, -1)  # (B'·Tc, P)
     c2 = cf * cf
-    for k in range(k_cls):
-        pk = post[:, k]  # (B', Tc, Rc)
-        mass = pk.sum((0, 1))
-        keep = (mass > 1e-6 * max(float(mass.max()), 1e-30)).nonzero()[:, 0]
-        if len(keep) == 0:
-            continue
-        pr = pk[:, :, keep].reshape(bb * n_tc, -1).T  # (R', B'·Tc)
-        sums["flops"] += 2.0 * len(keep) * bb * n_tc * 2 * xf.shape[1] + 2.0 * len(keep) * bb * xf.shape[1]
-        data = torch.complex(pr @ cxs.real.contiguous(), pr @ cxs.imag.contiguous())
-        wsum = pk[:, :, keep].sum(1).T @ c2  # (R', P)
-        # spread over the 8 fine children of each coarse rotation: the same Fourier coverage as the fine pass
-        children = (keep[:, None] * 8 + torch.arange(8, device=dev)[None]).reshape(-1)
-        data8, wsum8 = data.repeat_interleave(8, 0) / 8, wsum.repeat_interleave(8, 0) / 8
-        if residual:  # residuals against each child's own projection
-            data8 = data8 - wsum8 * projectors[k].project_pixels(grid.fine_rot[children], p_fine.kx,
-                                                                 p_fine.ky).to(data8.dtype)
-        backprojectors[k].insert_pixels(data8, wsum8, grid.fine_rot[children], p_fine.kx, p_fine.ky)
+    x_term = xf  # the images' power enters the residual sum once
+    for h in ([None] if half is None else [0, 1]):
+        rows = torch.ones(bb, device=dev) if h is None else (half == h).to(post.dtype)
+        for k in range(k_cls):
+            pk = post[:, k] * rows[:, None, None]  # (B', Tc, Rc)
+            mass = pk.sum((0, 1))
+            keep = (mass > 1e-6 * max(float(mass.max()), 1e-30)).nonzero()[:, 0]
+            if len(keep) == 0:
+                continue
+            pr = pk[:, :, keep].reshape(bb * n_tc, -1).T  # (R', B'·Tc)
+            sums["flops"] += 2.0 * len(keep) * bb * n_tc * 2 * xf.shape[1] + 2.0 * len(keep) * bb * xf.shape[1]
+            data = torch.complex(pr @ cxs.real.contiguous(), pr @ cxs.imag.contiguous())
+            wsum = pk[:, :, keep].sum(1).T @ c2  # (R', P)
+            proj = projectors[k].project_pixels(grid.coarse_rot[keep], p_fine.kx, p_fine.ky).to(data.dtype)
+            sums["res_terms"] += residual_power_terms(p_fine, x_term, data, wsum, proj)
+            x_term = xf[:0]
+            if backprojectors is None:
+                continue
+            # spread over the 8 fine children of each coarse rotation: the same Fourier coverage as the fine pass
+            children = (keep[:, None] * 8 + torch.arange(8, device=dev)[None]).reshape(-1)
+            data8, wsum8 = data.repeat_interleave(8, 0) / 8, wsum.repeat_interleave(8, 0) / 8
+            if residual:  # residuals against each child's own projection
+                data8 = data8 - wsum8 * projectors[k].project_pixels(grid.fine_rot[children], p_fine.kx,
+                                                                     p_fine.ky).to(data8.dtype)
+            dest = k if h is None else h * k_cls + k
+            backprojectors[dest].insert_pixels(data8, wsum8, grid.fine_rot[children], p_fine.kx, p_fine.ky)
 
 
 def _cc_scores(images, ctf, weights, projections, phases):

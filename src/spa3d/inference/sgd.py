@@ -170,7 +170,8 @@ def initial_state(ps: ParticleSet, o: SgdOptions, schedule: SgdSchedule, rng: np
     px = FourierPixels.make(n, n // 2, device=o.device)
     idx = rng.choice(len(ps), size=min(len(ps), 1000), replace=False)
     x, c = image_pixels(ps, idx, px, mask2d, o)
-    sigma2 = shell_average((x.abs() ** 2).mean(0), px.shell, nsh).numpy()
+    # as RELION: the images' mean power less the power of their average (the part the noise does not explain)
+    sigma2 = shell_average((x.abs() ** 2).mean(0) - x.mean(0).abs() ** 2, px.shell, nsh).numpy()
     maps = []
     for _ in range(o.n_classes):
         sel = rng.choice(len(ps), size=min(len(ps), max(schedule.ini_subset, 200)), replace=False)

@@ -43,7 +43,7 @@ import torch
 
 from spa3d.backend.device import free_memory_bytes, select_device
 from spa3d.errors import InputError
-from spa3d.fourier.backprojector import BackProjector
+from spa3d.fourier.backprojector import BackProjector, half_map_fsc
 from spa3d.fourier.ctf import ctf_half_plane
 from spa3d.fourier.filters import lowpass, power_spectrum, soft_sphere
 from spa3d.fourier.grid import phase_shift_2d, rfft2_centered
@@ -51,7 +51,7 @@ from spa3d.fourier.projector import Projector
 from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.geometry.symmetry import symmetry_matrices
-from spa3d.inference.likelihood import FourierPixels
+from spa3d.inference.likelihood import FourierPixels, residual_power, residual_power_terms
 from spa3d.inference.search import SearchGrid, coarse_radius, make_search_grid, search_batch
 from spa3d.io.atomic_write import atomic_path, ensure_writable_dir
 from spa3d.io.mrc import read_map, write_map
@@ -62,6 +62,41 @@ from spa3d.jobs.resume import (IterationFiles, append_options_block, prepare_con
                                state_file)
 
 log = logging.getLogger("spa3d")
+
+MIN_RESOLUTION_SHELLS = 5  # RELION's --minres_map: the resolution never falls below this shell
+FSC_THRESHOLD = 0.143  # the next E-step reaches incr_size shells beyond where the half sets' FSC falls below this
+# a class's reported resolution (rlnEstimatedResolution): where its half sets' FSC falls below this. Both halves are
+# aligned to the same reference, so their FSC runs higher than independent halves' would: at 0.143 it read up to
+# 2 shells finer than the map's FSC 0.143 against the truth on the class3d benchmark's D2 mixture; at 0.5 it is
+# never finer (benchmarks/class3d_vs_relion.py)
+FSC_REPORTED = 0.5
+
+
+def random_halves(ps: ParticleSet, seed: int) -> np.ndarray:
+    """Half set (0 or 1) of every particle: rlnRandomSubset (1, 2) where the STAR has it, else random (seeded)."""
+    if "rlnRandomSubset" in ps.table.particles:
+        sub = np.asarray(ps.column("rlnRandomSubset", 1)).astype(int)
+        if set(np.unique(sub)) <= {1, 2}:
+            return sub - 1
+    return np.random.default_rng([seed, 2]).integers(0, 2, len(ps))
+
+
+def resolution_shell(fsc: np.ndarray, threshold: float) -> float:
+    """Last shell (from 1) before the FSC first falls below ``threshold``; 0 when shell 1 already does."""
+    below = np.nonzero(fsc[1:] < threshold)[0]
+    return float(below[0]) if len(below) else float(len(fsc) - 1)
+
+
+def _class_fsc(acc1: torch.Tensor, acc2: torch.Tensor, n: int, r_cur: float, ops, device) -> np.ndarray:
+    """FSC (n//2+1 shells) of a class's two half sets, from their back-projector accumulators."""
+    halves = []
+    for acc in (acc1, acc2):
+        bp = BackProjector(n, r_max=r_cur, device=device)
+        bp.acc = acc.to(device).clone()
+        halves.append(bp)
+    curve = np.nan_to_num(half_map_fsc(halves[0], halves[1], ops))
+    curve[np.arange(len(curve)) > r_cur] = 0.0  # no data beyond the E-step's radius
+    return curve
 
 
 @dataclass
@@ -167,12 +202,18 @@ def _groups(ps: ParticleSet) -> np.ndarray:
 
 
 def initial_sigma2(ps: ParticleSet, mask: torch.Tensor, o: Class3dOptions, rng: np.random.Generator) -> np.ndarray:
-    """Noise power per shell: mean power spectrum of (up to 500) masked images, as a start."""
+    """Noise power per shell to start from: of (up to 1,000) masked images, the mean power less the average image's.
+
+    As RELION (ml_optimiser.cpp, calculateSumOfPowerSpectraAndAverageImage):
+    the power of the images' average is the part of their power that is
+    signal common to all, not noise.
+    """
     n = ps.box
-    idx = np.sort(rng.choice(len(ps), size=min(len(ps), 500), replace=False))
+    idx = np.sort(rng.choice(len(ps), size=min(len(ps), 1000), replace=False))
     x = rfft2_centered(_prepare_images(ps.read(idx), mask, o.zero_mask, rng))
     px = FourierPixels.make(n, n // 2)
-    p = (px.take(x).abs() ** 2).mean(0).double()
+    xp = px.take(x)
+    p = ((xp.abs() ** 2).mean(0) - xp.mean(0).abs() ** 2).double()
     s = torch.zeros(n // 2 + 1, dtype=torch.float64).index_add_(0, px.shell, p)
     c = torch.zeros(n // 2 + 1, dtype=torch.float64).index_add_(0, px.shell, torch.ones_like(p))
     return (s / c.clamp_min(1)).numpy()
@@ -225,7 +266,7 @@ def _write_iteration_files(files: IterationFiles, job: Path, ps: ParticleSet, ma
     for k in range(k_cls):
         blocks[f"model_class_{k + 1}"] = pd.DataFrame({
             "rlnSpectralIndex": shells, "rlnResolution": res_inv, "rlnAngstromResolution": ang_res,
-            "rlnSsnrMap": class_info["ssnr"][k], "rlnGoldStandardFsc": 0.0,
+            "rlnSsnrMap": class_info["ssnr"][k], "rlnGoldStandardFsc": class_info["fsc"][k],
             "rlnFourierCompleteness": class_info["shell_completeness"][k],
             "rlnReferenceSigma2": st.sigma2, "rlnReferenceTau2": class_info["tau2"][k],
             "rlnSpectralOrientabilityContribution": 0.0})
@@ -264,15 +305,14 @@ def _write_iteration_files(files: IterationFiles, job: Path, ps: ParticleSet, ma
 def _spectral_snr(bp: BackProjector, ops, tau2: np.ndarray):
     """Spectral SNR per shell (RELION's data-vs-prior) and per voxel, with each voxel's shell.
 
-    Per voxel W·τ² (τ² over σ², W the original-grid weight). In shells where
-    τ² is zero and there are data, 999: RELION's rule there (0.001·(W/σ²)²)
-    is far above 1 for normalised particles, and those shells are
-    reconstructed without a prior (see :meth:`BackProjector.reconstruct`).
+    Per voxel W·τ² (τ² over σ², W the original-grid weight): it is below 1
+    in shells where the map holds little power, whatever the data there, so
+    the resolution it gives follows the maps (ml_optimiser.cpp, data_vs_prior).
     """
     _, wvox, shell = bp.shell_weights(ops)
     nsh = len(tau2)
     t2 = torch.as_tensor(tau2, device=wvox.device)[shell.clamp_max(nsh - 1)]
-    ratio = torch.where(t2 > 0, wvox * t2, torch.where(wvox > 0, 999.0, 0.0).to(wvox.dtype))
+    ratio = wvox * t2
     inside = shell < nsh
     total = torch.zeros(nsh, dtype=torch.float64, device=wvox.device).index_add_(0, shell[inside], ratio[inside])
     cnt = torch.zeros(nsh, dtype=torch.float64, device=wvox.device).index_add_(0, shell[inside],
@@ -337,6 +377,7 @@ class EStepChunk:
     groups: np.ndarray  # (B,) 0-based group of each particle
     n_groups: int
     allowed: np.ndarray  # (B,) class a particle may take in iteration 1, -1 = any
+    halves: np.ndarray  # (B,) random half set (0, 1) of each particle: the classes' FSC, for the resolution
     options: Class3dOptions
     order: int
     r_cur: float
@@ -361,12 +402,12 @@ class EStepResult:
     rot_spread: np.ndarray
     trans_spread: np.ndarray
     class_post_sum: np.ndarray
-    res_shell: np.ndarray
+    res_terms: np.ndarray  # (3, n//2+1) terms of the posterior-weighted residual power (likelihood.residual_power_terms)
     pix_shell: np.ndarray
     xa_g: np.ndarray
     aa_g: np.ndarray
     off_sq: float
-    acc: list  # per class: BackProjector accumulator tensor (D, D, D, 3)
+    acc: list  # per half set h and class k (index h·K + k): BackProjector accumulator tensor (D, D, h+1, 3)
     flops: float = 0.0  # floating-point operations of the E-step's products
     poses: float = 0.0  # samples scored, summed over the particles
 
@@ -397,13 +438,13 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
     projectors = [Projector(ch.maps[k], r_max=min(n // 2, ch.r_cur + 2), device=device) for k in range(k_cls)]
     coarse_refs = ([projectors[k].project_pixels(grid.coarse_rot, px_c.kx, px_c.ky) for k in range(k_cls)]
                    if grid is not None else None)
-    bps = [BackProjector(n, r_max=ch.r_cur, device=device) for _ in range(k_cls)]
+    bps = [BackProjector(n, r_max=ch.r_cur, device=device) for _ in range(2 * k_cls)]
     sigma2_t = torch.as_tensor(ch.sigma2, dtype=torch.float32, device=device)
     log_prior = torch.as_tensor(np.log(np.clip(ch.class_fractions, 1e-10, None)), dtype=torch.float32, device=device)
     m = len(ch.indices)
     out = EStepResult(ch.indices, ch.offsets_px.copy(), ch.angles.copy(), np.zeros(m, dtype=int), np.zeros(m),
                       np.zeros(m, dtype=int), np.zeros(m), np.zeros(m), np.zeros(m), np.zeros(k_cls),
-                      np.zeros(n // 2 + 1), np.zeros(n // 2 + 1), np.zeros(ch.n_groups), np.zeros(ch.n_groups), 0.0, [])
+                      np.zeros((3, n // 2 + 1)), np.zeros(n // 2 + 1), np.zeros(ch.n_groups), np.zeros(ch.n_groups), 0.0, [])
     for j, s in enumerate(range(0, m, ch.batch_size)):
         sl = slice(s, min(s + ch.batch_size, m))
         idx = ch.indices[sl]
@@ -419,23 +460,24 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
             c = torch.ones(x.shape, dtype=torch.float32, device=device)
         c = c * torch.as_tensor(ch.scale[sl], dtype=torch.float32, device=device)[:, None, None]
         allowed = torch.as_tensor(ch.allowed[sl], device=device)
+        half = torch.as_tensor(ch.halves[sl], dtype=torch.long, device=device)
         if grid is None:
             rots = torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32, device=device)
-            r = _skip_align_batch(x, c, rots, projectors, px_f, sigma2_t, log_prior, bps, allowed)
+            r = _skip_align_batch(x, c, rots, projectors, px_f, sigma2_t, log_prior, bps, allowed, half)
         else:
             prior_rot = (torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32, device=device)
                          if o.sigma_ang > 0 else None)
             r = search_batch(x, c, old, grid, projectors, coarse_refs, px_c, px_f, sigma2_t, log_prior,
                              ch.sigma_offset_px, bps, allowed, ch.hard, o.adaptive_fraction, o.max_significant,
-                             prior_rot, o.sigma_ang, o.marginalise_broad)
+                             prior_rot, o.sigma_ang, o.marginalise_broad, half=half)
             out.offsets_px[sl] = ch.offsets_px[sl] + r.best_translation
             out.angles[sl] = np.stack(matrix_to_euler(r.best_rotation.astype(np.float64)), 1)
         out.classes[sl] = r.best_class + 1
         out.pmax[sl], out.n_significant[sl], out.log_likelihood[sl] = r.max_posterior, r.n_significant, r.log_evidence
         out.rot_spread[sl], out.trans_spread[sl] = r.rot_spread_deg, r.trans_spread_px
         out.class_post_sum += r.class_posterior.sum(0)
-        k = len(r.residual_shell)
-        out.res_shell[:k] += r.residual_shell
+        k = r.residual_terms.shape[1]
+        out.res_terms[:, :k] += r.residual_terms
         out.pix_shell[:k] += r.pixel_shell
         np.add.at(out.xa_g, ch.groups[sl], r.scale_xa)
         np.add.at(out.aa_g, ch.groups[sl], r.scale_aa)
@@ -457,7 +499,7 @@ def _combine(results: list[EStepResult]) -> EStepResult:
            ("indices", "offsets_px", "angles", "classes", "pmax", "n_significant", "log_likelihood", "rot_spread",
             "trans_spread")}
     sums = {f: sum(getattr(r, f) for r in results) for f in
-            ("class_post_sum", "res_shell", "pix_shell", "xa_g", "aa_g", "off_sq", "flops", "poses")}
+            ("class_post_sum", "res_terms", "pix_shell", "xa_g", "aa_g", "off_sq", "flops", "poses")}
     acc = [sum(r.acc[k].cpu() for r in results) for k in range(len(first.acc))]
     return EStepResult(**cat, **sums, acc=acc)
 
@@ -578,6 +620,7 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
     start = time.perf_counter()
     first_it = st.iteration
     rate = EStepRate()
+    halves = random_halves(ps, o.seed)
     # radius (cycles per box) up to which the current maps hold data: the initial low-pass, then the E-step radius
     map_radius = st.r_current if st.iteration == 0 else st.map_radius
     while st.iteration < o.n_iter:
@@ -598,7 +641,8 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
         def chunk(sel: np.ndarray, first_batch: int, dev: str, threads=None) -> EStepChunk:
             return EStepChunk(str(ps.star_path), str(ps.project_dir), sel, first_batch, bs, it, o.seed, maps,
                               st.sigma2, st.class_fractions, st.sigma_offset_px, st.offsets_px[sel], st.angles[sel],
-                              scale_all[sel], groups[sel], n_groups, allowed[sel], o, order, r_cur, r_coarse_cap, hard,
+                              scale_all[sel], groups[sel], n_groups, allowed[sel], halves[sel], o, order, r_cur,
+                              r_coarse_cap, hard,
                               radius_px, dev, threads)
 
         t_estep = time.perf_counter()
@@ -613,8 +657,8 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
             prog.update(n_used)
         rate.add(res_all.flops, time.perf_counter() - t_estep, res_all.poses, n_used)
         bps = [BackProjector(n, r_max=r_cur, device=device) for _ in range(k_cls)]
-        for bp, acc in zip(bps, res_all.acc):
-            bp.acc = acc.to(device)
+        for k, bp in enumerate(bps):
+            bp.acc = res_all.acc[k].to(device) + res_all.acc[k_cls + k].to(device)
         # particles outside this iteration's subset (--fast-subsets) keep what they had
         new_off = st.offsets_px.copy()
         new_ang = st.angles.copy()
@@ -628,7 +672,7 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
         new_off[idx], new_ang[idx], new_cls[idx] = res_all.offsets_px, res_all.angles, res_all.classes
         pmax[idx], n_sig[idx], loglik[idx] = res_all.pmax, res_all.n_significant, res_all.log_likelihood
         rot_spread[idx], trans_spread[idx] = res_all.rot_spread, res_all.trans_spread
-        class_post_sum, res_shell, pix_shell = res_all.class_post_sum, res_all.res_shell, res_all.pix_shell
+        class_post_sum, pix_shell = res_all.class_post_sum, res_all.pix_shell
         xa_g, aa_g, off_sq = res_all.xa_g, res_all.aa_g, res_all.off_sq
 
         # ---- M-step ----
@@ -640,21 +684,31 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
         elif n_groups > 1:
             scale = st.group_scale * xa_g / np.maximum(aa_g, 1e-30)
             st.group_scale = scale / scale.mean()
+        # the noise power: posterior-weighted residuals (as RELION), after a cross-correlation iteration against
+        # the reference on the data's greyscale (RELION keeps the initial σ² then: a deliberate difference)
+        res_shell = residual_power(res_all.res_terms, s_ref if hard else 1.0)
         upd = pix_shell > 0
         st.sigma2[upd] = res_shell[upd] / pix_shell[upd]
         st.class_fractions = class_post_sum / class_post_sum.sum()
         if not o.skip_align:
             st.sigma_offset_px = float(np.sqrt(off_sq / (2 * n_used)))
         new_maps = np.empty_like(maps)
-        info = {"resolution": np.zeros(k_cls), "completeness": np.zeros(k_cls), "ssnr": [], "tau2": [],
+        info = {"resolution": np.zeros(k_cls), "completeness": np.zeros(k_cls), "ssnr": [], "tau2": [], "fsc": [],
                 "shell_completeness": [], "accuracy_rot": np.zeros(k_cls), "accuracy_trans": np.zeros(k_cls)}
-        best_shell = 0.0
+        best_shell = best_reported = 0.0
         nsh = n // 2 + 1
         for k in range(k_cls):
+            # the resolution: FSC of the class's two random half sets (0.143), measured every iteration
+            fsc_k = _class_fsc(res_all.acc[k], res_all.acc[k_cls + k], n, r_cur, ops, device)
+            info["fsc"].append(fsc_k)
             tau2 = o.tau2_fudge * power_spectrum(maps[k]) / np.maximum(st.sigma2, 1e-30)
-            # the map holds data only up to the radius it was reconstructed at: no prior power beyond
+            # the map holds data only up to the radius it was reconstructed at: no prior power beyond (those
+            # shells are reconstructed without a prior: a deliberate difference, see docs/conventions.md)
             tau2[np.arange(nsh) > map_radius] = 0.0
             ssnr, wvox, shell = _spectral_snr(bps[k], ops, tau2)
+            # where there is no prior, the SSNR the half sets measure, 2·FSC/(1 − FSC)
+            fsc_ssnr = 2 * np.clip(fsc_k, 0, 0.999) / (1 - np.clip(fsc_k, 0, 0.999))
+            ssnr = np.where(tau2 > 0, ssnr, fsc_ssnr)
             info["ssnr"].append(ssnr)
             info["tau2"].append(tau2)
             if class_post_sum[k] < 0.5:
@@ -670,10 +724,12 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
             if o.flatten_solvent:
                 vol = vol * mask3d
             new_maps[k] = vol
-            below = np.nonzero(ssnr[1:] < 1)[0]
-            idx_res = float(below[0]) if len(below) else float(nsh - 1)  # last shell with SSNR >= 1
-            best_shell = max(best_shell, idx_res)
-            info["resolution"][k] = n * apix / max(idx_res, 1e-3)
+            # reported: where the half sets' FSC falls below 0.5 (they share the reference, so their FSC is
+            # optimistic; see FSC_REPORTED); the next E-step reaches incr_size shells beyond its 0.143 shell
+            idx_res = resolution_shell(fsc_k, FSC_REPORTED)
+            best_reported = max(best_reported, idx_res)
+            best_shell = max(best_shell, resolution_shell(fsc_k, FSC_THRESHOLD))
+            info["resolution"][k] = n * apix / idx_res if idx_res >= 1 else 999.0
             good = (wvox >= 1) & (shell < nsh)
             cnt = torch.zeros(nsh, dtype=torch.float64, device=wvox.device).index_add_(
                 0, shell[shell < nsh], torch.ones_like(wvox[shell < nsh]))
@@ -689,9 +745,11 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
                 info["accuracy_trans"][k] = float(trans_spread[mine].mean() * apix)
         maps = new_maps
         map_radius = st.map_radius = r_cur
-        st.best_resolution_shell = max(st.best_resolution_shell, best_shell)
-        # one shell inside Nyquist: the corner shell n/2 holds only part of a ring
-        st.r_current = float(min(n // 2 - 1, st.best_resolution_shell + o.incr_size))
+        # as RELION: the resolution of this iteration (the best class's, at least MIN_RESOLUTION_SHELLS), which
+        # may fall; the next E-step reaches incr_size shells beyond it, one shell inside Nyquist (the corner
+        # shell n/2 holds only part of a ring)
+        st.best_resolution_shell = max(best_reported, float(MIN_RESOLUTION_SHELLS))
+        st.r_current = float(min(n // 2 - 1, max(best_shell, float(MIN_RESOLUTION_SHELLS)) + o.incr_size))
         st.offsets_px, st.angles, st.classes = new_off, new_ang, new_cls
         st.stats = {"pmax": pmax, "n_significant": n_sig, "log_likelihood": loglik}
         info["log_likelihood"] = float(loglik.sum())
@@ -736,7 +794,8 @@ def _estimate(ps, maps, st, o: Class3dOptions, bs: int, device, n_warm: int, dia
     def timed(order: int, r_cur: float):
         ch = EStepChunk(str(ps.star_path), str(ps.project_dir), sel, 0, len(sel), st.iteration + 1, o.seed, maps,
                         st.sigma2, st.class_fractions, st.sigma_offset_px, st.offsets_px[sel], st.angles[sel],
-                        st.group_scale[groups][sel], groups[sel], n_groups, np.full(len(sel), -1), cal, order, r_cur,
+                        st.group_scale[groups][sel], groups[sel], n_groups, np.full(len(sel), -1), np.arange(len(sel)) % 2, cal,
+                        order, r_cur,
                         o.coarse_radius_px or coarse_radius(order, diameter, n, apix), False, radius_px, str(device))
         t = time.perf_counter()
         res = estep_chunk(ch)
@@ -767,8 +826,8 @@ def _estimate(ps, maps, st, o: Class3dOptions, bs: int, device, n_warm: int, dia
     return Estimate(total, host_peak_bytes(), gpu, poses, time.perf_counter() - t0)
 
 
-def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps, allowed):
-    """Classification only, at the particles' stored poses (--skip-align); ``allowed`` as in search_batch."""
+def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps, allowed, half):
+    """Classification only, at the particles' stored poses (--skip-align); ``allowed``, ``half`` as in search_batch."""
     from spa3d.inference.search import BatchResult
 
     xf, cf = px.take(x), px.take(c)
@@ -785,18 +844,20 @@ def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps, allowe
     bp_ = torch.stack(projs, 1)[torch.arange(b), best]
     cp = cf * bp_
     nsh = int(px.shell.max()) + 1
-    resid = ((xf - cp).abs() ** 2 * m).sum(0).double()
-    res_shell = torch.zeros(nsh, dtype=torch.float64, device=x.device).index_add_(0, px.shell, resid)
+    # the noise power's statistics: residuals against every class, weighted by its posterior
+    terms = sum(residual_power_terms(px, xf if k == 0 else xf[:0], xf * cf * post[:, k:k + 1],
+                                     cf * cf * post[:, k:k + 1], pr) for k, pr in enumerate(projs))
     pix_shell = torch.zeros(nsh, dtype=torch.float64, device=x.device).index_add_(0, px.shell, m.double() * b)
-    for k, bp in enumerate(bps):
-        pk = post[:, k]
+    k_cls = len(projs)
+    for d, bp in enumerate(bps):
+        pk = post[:, d % k_cls] * (half == d // k_cls).to(post.dtype)
         bp.insert_pixels(xf * cf * pk[:, None], cf * cf * pk[:, None], rots, px.kx, px.ky)
     z = np.zeros(b)
     return BatchResult(best.cpu().numpy(), rots.cpu().numpy(), np.zeros((b, 2)), post.max(1).values.cpu().numpy(),
                        np.ones(b, dtype=int), lse.cpu().numpy(), post.cpu().numpy(), z, z, 0.0,
-                       res_shell.cpu().numpy(), pix_shell.cpu().numpy(),
+                       residual_power(terms).cpu().numpy(), pix_shell.cpu().numpy(),
                        ((xf.real * cp.real + xf.imag * cp.imag) * m).sum(1).cpu().numpy(),
-                       ((cp.abs() ** 2) * m).sum(1).cpu().numpy())
+                       ((cp.abs() ** 2) * m).sum(1).cpu().numpy(), residual_terms=terms.cpu().numpy())
 
 
 # ---- command line: ``spa3d class3d`` ----
