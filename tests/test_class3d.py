@@ -52,16 +52,23 @@ def test_class3d_separates_three_species(mixture, classified):
     assert np.allclose(fractions, [0.2, 0.3, 0.5], atol=0.06)
 
 
-def test_class3d_best_class_resembles_its_species(mixture, classified):
-    from spa3d.fourier.filters import fsc, resolution_at
+def _intact_class_fsc(mixture, classified):
+    """(class number, FSC against the truth) of the class holding most intact complexes."""
+    from spa3d.fourier.filters import fsc
     from spa3d.maps.align import superpose
 
     d, labels = mixture
-    job, maps, st = classified
+    _, maps, st = classified
     best = np.bincount(st.classes[labels == 1], minlength=4).argmax()
     truth = read_map(d / "truth_class001.mrc")[0]
     aligned, _ = superpose(maps[best - 1], truth)
-    res = resolution_at(fsc(aligned, truth), 64, 2.0, 0.5)
+    return best, fsc(aligned, truth)
+
+
+def test_class3d_best_class_resembles_its_species(mixture, classified):
+    from spa3d.fourier.filters import resolution_at
+
+    res = resolution_at(_intact_class_fsc(mixture, classified)[1], 64, 2.0, 0.5)
     # the reference was the complex at 50 Å: the class must have gained detail from the particles
     assert res < 30.0, f"FSC 0.5 of the intact-complex class vs ground truth: {res:.1f} Å"
 
@@ -69,15 +76,11 @@ def test_class3d_best_class_resembles_its_species(mixture, classified):
 def test_class3d_reported_resolution_is_honest(mixture, classified):
     """rlnEstimatedResolution of the intact complex's class is not finer than its FSC 0.143 against the truth,
     and the run's rlnCurrentResolution follows the half sets' FSC each iteration (it may fall)."""
-    from spa3d.fourier.filters import fsc, resolution_at
-    from spa3d.maps.align import superpose
+    from spa3d.fourier.filters import resolution_at
 
-    d, labels = mixture
-    job, maps, st = classified
-    best = np.bincount(st.classes[labels == 1], minlength=4).argmax()
-    truth = read_map(d / "truth_class001.mrc")[0]
-    aligned, _ = superpose(maps[best - 1], truth)
-    true_res = resolution_at(fsc(aligned, truth), 64, 2.0, 0.143)
+    job = classified[0]
+    best, curve = _intact_class_fsc(mixture, classified)
+    true_res = resolution_at(curve, 64, 2.0, 0.143)
     model = read_star(job / "run_it010_model.star")
     reported = float(model["model_classes"]["rlnEstimatedResolution"].iloc[best - 1])
     assert reported >= true_res - 0.5, f"reported {reported:.1f} Å, true FSC 0.143 {true_res:.1f} Å"
