@@ -181,7 +181,9 @@ def test_fast_subsets_follow_relion_schedule():
     o = _opts(n_classes=2, fast_subsets=True)
     rng = np.random.default_rng(0)
     sizes = [len(iteration_subset(o, it, 20000, rng)) for it in (1, 5, 6, 10, 11, 15, 16)]
-    assert sizes == [3000, 3000, 9000, 9000, 6000, 6000, 20000]
+    assert sizes == [3000, 3000, 9000, 9000, 9000, 9000, 20000]  # 11–15: max(4,500·K, 0.3·N)
+    sizes = [len(iteration_subset(o, it, 50000, rng)) for it in (11, 15)]
+    assert sizes == [15000, 15000]
     sub = iteration_subset(o, 1, 20000, rng)
     assert np.all(np.diff(sub) > 0)
 

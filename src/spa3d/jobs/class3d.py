@@ -324,13 +324,13 @@ def iteration_subset(o: Class3dOptions, it: int, n_part: int, rng: np.random.Gen
     """Particles visited in iteration ``it`` (sorted indices).
 
     All of them, or with ``fast_subsets`` (RELION's --fast_subsets) random
-    subsets: K·1,500 particles in iterations 1–5, K·4,500 in 6–10, 30 % of
-    the data in 11–15, then all.
+    subsets: K·1,500 particles in iterations 1–5, K·4,500 in 6–10, the larger
+    of K·4,500 and 30 % of the data in 11–15 (ml_optimiser.cpp), then all.
     """
     if not o.fast_subsets:
         return np.arange(n_part)
     size = (o.n_classes * 1500 if it <= 5 else o.n_classes * 4500 if it <= 10
-            else int(0.3 * n_part) if it <= 15 else n_part)
+            else max(o.n_classes * 4500, int(0.3 * n_part)) if it <= 15 else n_part)
     if size >= n_part:
         return np.arange(n_part)
     return np.sort(rng.choice(n_part, size=size, replace=False))
@@ -909,7 +909,7 @@ def add_args(p) -> None:
     p.add_argument("--sigma-ang", type=float, default=-1.0,
                    help="local searches: σ in degrees of the prior on angles around the stored poses")
     p.add_argument("--fast-subsets", action="store_true",
-                   help="random subsets in the first 15 iterations: K*1500, K*4500 particles, then 30%%")
+                   help="random subsets in the first 15 iterations: K*1500, K*4500 particles, then max(K*4500, 30%%) (RELION)")
     p.add_argument("--batch-size", type=int, default=None, help="particles per batch (default: from free memory)")
     add_iterative(p)
     add_device(p)
