@@ -210,3 +210,49 @@ def test_noise_statistics_are_posterior_weighted_residuals():
     # the best pose's residual alone is smaller: it would under-estimate σ²
     best = torch.stack(res, 1).reshape(n_img, -1, n_pix)[torch.arange(n_img), p.reshape(n_img, -1).argmax(1)].sum(0)
     assert float(best.sum()) < 0.99 * float(want.sum())
+
+
+def test_local_search_finds_poses_near_the_prior(truth_map):
+    """Local searches (RELION's σ_ang prior) score each image's own neighbourhood and recover its pose."""
+    from scipy.spatial.transform import Rotation
+
+    from spa3d.fourier.backprojector import BackProjector
+    from spa3d.fourier.projector import Projector
+    from spa3d.geometry.euler import random_rotations
+    from spa3d.inference.local_search import local_rotations, local_search_batch
+
+    vol, _ = truth_map
+    n, r_max, n_img = 64, 20, 24
+    rng = np.random.default_rng(5)
+    true = torch.as_tensor(random_rotations(n_img, rng), dtype=torch.float32)
+    proj = Projector(vol, r_max=r_max + 2)
+    px = FourierPixels.make(n, r_max)
+    clean = proj.project(true)  # (B, n, n//2+1)
+    shift = torch.as_tensor(rng.uniform(-1, 1, (n_img, 2)), dtype=torch.float32)
+    phases = torch.stack([FourierPixels.make(n, n).shift_phases(-shift[i:i + 1])[0] for i in range(n_img)])
+    full = FourierPixels.make(n, n)
+    x = torch.zeros_like(clean).reshape(n_img, -1)
+    x[:, full.index] = full.take(clean) * phases  # the image moved by -shift: the search should find +shift
+    x = x.reshape(clean.shape)
+    sigma = 0.3 * float(x.abs().pow(2).mean().sqrt())
+    x = x + sigma * torch.complex(torch.randn(x.shape, generator=torch.Generator().manual_seed(1)),
+                                  torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))
+    # priors 4° away from the truth, in random directions
+    axes = rng.standard_normal((n_img, 3))
+    axes = 4.0 * axes / np.linalg.norm(axes, axis=1, keepdims=True)
+    prior = torch.as_tensor(true.numpy() @ Rotation.from_rotvec(np.deg2rad(axes)).as_matrix(), dtype=torch.float32)
+    step, sig = 1.875, 3.75
+    deltas, deg = local_rotations(step, sig)
+    assert 800 < len(deltas) < 1000 and np.isclose(deg.min(), 0.0)
+    trans = torch.as_tensor(np.stack(np.meshgrid(np.arange(-2, 2.01, 0.5), np.arange(-2, 2.01, 0.5)), -1).reshape(-1, 2),
+                            dtype=torch.float32)
+    sigma2 = torch.full((n // 2 + 1,), 2 * sigma**2)
+    bps = [BackProjector(n, r_max=r_max)]
+    r = local_search_batch(x, torch.ones(x.shape), torch.zeros(n_img, 2), prior, torch.as_tensor(deltas, dtype=torch.float32),
+                           torch.as_tensor(deg, dtype=torch.float32), trans, [proj], px, sigma2,
+                           torch.zeros(1), 3.0, sig, bps)
+    err = np.rad2deg(np.arccos(np.clip((np.einsum("bij,bij->b", r.best_rotation, true.numpy()) - 1) / 2, -1, 1)))
+    assert np.median(err) < 1.5 and err.max() < 3.0, err
+    np.testing.assert_allclose(r.best_translation, shift.numpy(), atol=0.3)
+    assert np.all(r.n_significant >= 1) and np.all(r.max_posterior > 0) and r.flops > 0
+    assert float(bps[0].weight.sum()) > 0

@@ -63,6 +63,24 @@ def lowpass(vol, pixel_size: float, resolution: float, edge_shells: float = 2.0)
     return torch.fft.irfftn(torch.fft.rfftn(v) * w, s=v.shape).to(torch.float32).numpy()
 
 
+def lowpass_shells(vol, pixel_size: float, resolution: float, edge_width: int = 2) -> np.ndarray:
+    """Low-pass a map to ``resolution`` Å as RELION's lowPassFilterMap (fftw.cpp) does.
+
+    The filter's shell is rounded, round(n·pixel/resolution); a raised cosine
+    falls from 1 at ``edge_width``/2 shells below it to 0 as many above.
+    (:func:`lowpass` centres its edge on the unrounded shell instead.)
+    """
+    v = torch.as_tensor(np.asarray(vol), dtype=torch.float64)
+    n = v.shape[-1]
+    r = _radius_grid(v.shape) / n  # cycles per pixel
+    ires = round(n * pixel_size / resolution)
+    half = edge_width // 2
+    lo, hi = max(0.0, (ires - half) / n), (ires + half) / n
+    w = torch.where(r < lo, torch.ones_like(r), torch.where(r > hi, torch.zeros_like(r),
+                    0.5 + 0.5 * torch.cos(torch.pi * (r - lo) / max(hi - lo, 1e-12))))
+    return torch.fft.irfftn(torch.fft.rfftn(v) * w, s=v.shape).to(torch.float32).numpy()
+
+
 def soft_sphere(n: int, radius: float, edge: float = 5.0, ndim: int = 3) -> np.ndarray:
     """Soft spherical (ndim=3) or circular (ndim=2) mask, radius and cosine edge in pixels."""
     c = np.arange(n) - n // 2

@@ -52,6 +52,7 @@ from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels, residual_power, residual_power_terms
+from spa3d.inference.local_search import local_rotations, local_search_batch
 from spa3d.inference.search import SearchGrid, coarse_radius, make_search_grid, search_batch
 from spa3d.io.atomic_write import atomic_path, ensure_writable_dir
 from spa3d.io.mrc import read_map, write_map
@@ -201,6 +202,20 @@ def _groups(ps: ParticleSet) -> np.ndarray:
     return inv
 
 
+def load_reference(ref: str, ps: ParticleSet, ini_high: float | None) -> np.ndarray:
+    """The reference map, checked against the particles' box and pixel size, low-passed to ``ini_high`` Å."""
+    n, apix = ps.box, ps.pixel_size
+    vol, ref_apix = read_map(ref)
+    if vol.shape != (n, n, n):
+        raise InputError(ref, f"reference is {vol.shape[2]}x{vol.shape[1]}x{vol.shape[0]}, particles are {n} pixels "
+                              "(rescale it: relion_image_handler --angpix --rescale_angpix --new_box)")
+    if ref_apix > 0 and abs(ref_apix - apix) > 0.01 * apix:
+        raise InputError(ref, f"reference pixel size {ref_apix:.3f} Å differs from the particles' {apix:.3f} Å")
+    if ini_high and ini_high > 0:
+        vol = lowpass(vol, apix, ini_high)
+    return vol
+
+
 def initial_sigma2(ps: ParticleSet, mask: torch.Tensor, o: Class3dOptions, rng: np.random.Generator) -> np.ndarray:
     """Noise power per shell to start from: of (up to 1,000) masked images, the mean power less the average image's.
 
@@ -236,61 +251,19 @@ def _write_iteration(job: Path, ps: ParticleSet, maps: np.ndarray, st: Class3dSt
 
 def _write_iteration_files(files: IterationFiles, job: Path, ps: ParticleSet, maps: np.ndarray, st: Class3dState,
                            o: Class3dOptions, class_info: dict) -> None:
-    it, apix, n = st.iteration, ps.pixel_size, ps.box
-    k_cls = len(maps)
+    it, apix = st.iteration, ps.pixel_size
     names = []
-    for k in range(k_cls):
+    for k in range(len(maps)):
         name = job / f"run_it{it:03d}_class{k + 1:03d}.mrc"
         write_map(files.path(name), maps[k], apix)
         names.append(str(name))
-    nsh = n // 2 + 1
-    shells = np.arange(nsh)
-    res_inv = shells / (n * apix)
-    ang_res = np.where(shells > 0, n * apix / np.maximum(shells, 1), 999.0)
-    general = {"rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": n,
-               "rlnCurrentResolution": float(n * apix / max(st.best_resolution_shell, 1e-3)),
-               "rlnCurrentImageSize": int(min(n, 2 * round(st.r_current))), "rlnPaddingFactor": 2,
-               "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
-               "rlnPixelSize": apix, "rlnNrClasses": k_cls, "rlnNrBodies": 1, "rlnNrGroups": len(st.group_scale),
-               "rlnTau2FudgeFactor": o.tau2_fudge, "rlnNormCorrectionAverage": 1.0,
-               "rlnSigmaOffsetsAngst": st.sigma_offset_px * apix, "rlnOrientationalPriorMode": 0,
-               "rlnSigmaPriorRotAngle": 0.0, "rlnSigmaPriorTiltAngle": 0.0, "rlnSigmaPriorPsiAngle": 0.0,
-               "rlnLogLikelihood": float(class_info.get("log_likelihood", 0.0)),
-               "rlnAveragePmax": float(class_info.get("average_pmax", 0.0))}
-    classes = pd.DataFrame({
-        "rlnReferenceImage": names, "rlnClassDistribution": st.class_fractions,
-        "rlnAccuracyRotations": class_info["accuracy_rot"], "rlnAccuracyTranslationsAngst": class_info["accuracy_trans"],
-        "rlnEstimatedResolution": class_info["resolution"], "rlnOverallFourierCompleteness": class_info["completeness"],
-        "rlnClassPriorOffsetX": 0.0, "rlnClassPriorOffsetY": 0.0})
-    blocks = {"model_general": general, "model_classes": classes}
-    for k in range(k_cls):
-        blocks[f"model_class_{k + 1}"] = pd.DataFrame({
-            "rlnSpectralIndex": shells, "rlnResolution": res_inv, "rlnAngstromResolution": ang_res,
-            "rlnSsnrMap": class_info["ssnr"][k], "rlnGoldStandardFsc": class_info["fsc"][k],
-            "rlnFourierCompleteness": class_info["shell_completeness"][k],
-            "rlnReferenceSigma2": st.sigma2, "rlnReferenceTau2": class_info["tau2"][k],
-            "rlnSpectralOrientabilityContribution": 0.0})
-    counts = np.bincount(_groups(ps), minlength=len(st.group_scale))
-    blocks["model_groups"] = pd.DataFrame({"rlnGroupNumber": np.arange(1, len(st.group_scale) + 1),
-                                           "rlnGroupName": [f"group_{g + 1}" for g in range(len(st.group_scale))],
-                                           "rlnGroupNrParticles": counts, "rlnGroupScaleCorrection": st.group_scale})
-    for g in range(len(st.group_scale)):
-        blocks[f"model_group_{g + 1}"] = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res_inv,
-                                                       "rlnSigma2Noise": st.sigma2})
-    write_star(files.path(job / f"run_it{it:03d}_model.star"), blocks)
-
-    table = ps.table.copy()
-    p = table.particles
-    rot, tilt, psi = st.angles.T
-    p["rlnAngleRot"], p["rlnAngleTilt"], p["rlnAnglePsi"] = rot, tilt, psi
-    p["rlnOriginXAngst"] = st.offsets_px[:, 0] * apix
-    p["rlnOriginYAngst"] = st.offsets_px[:, 1] * apix
-    p["rlnClassNumber"] = st.classes.astype(int)
-    p["rlnNormCorrection"] = 1.0
-    p["rlnLogLikeliContribution"] = st.stats.get("log_likelihood", np.zeros(len(p)))
-    p["rlnMaxValueProbDistribution"] = st.stats.get("pmax", np.zeros(len(p)))
-    p["rlnNrOfSignificantSamples"] = st.stats.get("n_significant", np.zeros(len(p))).astype(int)
-    table.write(files.path(job / f"run_it{it:03d}_data.star"))
+    general = {"rlnCurrentResolution": float(ps.box * apix / max(st.best_resolution_shell, 1e-3)),
+               "rlnCurrentImageSize": int(min(ps.box, 2 * round(st.r_current))), "rlnTau2FudgeFactor": o.tau2_fudge,
+               "rlnSigmaOffsetsAngst": st.sigma_offset_px * apix}
+    write_star(files.path(job / f"run_it{it:03d}_model.star"),
+               model_star_blocks(ps, names, st.class_fractions, class_info, st.sigma2, st.group_scale, general))
+    particles_table(ps, st.angles, st.offsets_px, st.classes, st.stats).write(
+        files.path(job / f"run_it{it:03d}_data.star"))
     _save_state(files.path(job / f"run_it{it:03d}_state.npz"), st)
     optimiser = files.path(job / f"run_it{it:03d}_optimiser.star")
     write_star(optimiser, {"optimiser_general": {
@@ -300,6 +273,70 @@ def _write_iteration_files(files: IterationFiles, job: Path, ps: ParticleSet, ma
         "rlnRandomSeed": o.seed, "rlnTau2FudgeFactor": o.tau2_fudge, "rlnClass3dStateFile":
         str(job / f"run_it{it:03d}_state.npz"), "rlnClass3dInputStarFile": str(Path(ps.star_path).resolve())}})
     append_options_block(optimiser, o, {"input_star": str(Path(ps.star_path).resolve())})
+
+
+def model_star_blocks(ps: ParticleSet, names: list[str], class_fractions: np.ndarray, class_info: dict,
+                      sigma2: np.ndarray, group_scale: np.ndarray, general: dict) -> dict:
+    """The blocks of a RELION model.star (3D classification or refinement) for the maps ``names``.
+
+    class_info: per class "accuracy_rot" (degrees), "accuracy_trans" (Å),
+    "resolution" (Å), "completeness" and per class and shell "ssnr", "fsc",
+    "shell_completeness", "tau2"; optionally "log_likelihood", "average_pmax".
+    ``general`` adds to (or replaces) model_general's values.
+    """
+    n, apix = ps.box, ps.pixel_size
+    k_cls = len(names)
+    nsh = n // 2 + 1
+    shells = np.arange(nsh)
+    res_inv = shells / (n * apix)
+    ang_res = np.where(shells > 0, n * apix / np.maximum(shells, 1), 999.0)
+    gen = {"rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": n,
+           "rlnCurrentResolution": 0.0, "rlnCurrentImageSize": n, "rlnPaddingFactor": 2,
+           "rlnIsHelix": 0, "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
+           "rlnPixelSize": apix, "rlnNrClasses": k_cls, "rlnNrBodies": 1, "rlnNrGroups": len(group_scale),
+           "rlnTau2FudgeFactor": 1.0, "rlnNormCorrectionAverage": 1.0,
+           "rlnSigmaOffsetsAngst": 0.0, "rlnOrientationalPriorMode": 0,
+           "rlnSigmaPriorRotAngle": 0.0, "rlnSigmaPriorTiltAngle": 0.0, "rlnSigmaPriorPsiAngle": 0.0,
+           "rlnLogLikelihood": float(class_info.get("log_likelihood", 0.0)),
+           "rlnAveragePmax": float(class_info.get("average_pmax", 0.0))}
+    gen.update(general)
+    classes = pd.DataFrame({
+        "rlnReferenceImage": names, "rlnClassDistribution": class_fractions,
+        "rlnAccuracyRotations": class_info["accuracy_rot"], "rlnAccuracyTranslationsAngst": class_info["accuracy_trans"],
+        "rlnEstimatedResolution": class_info["resolution"], "rlnOverallFourierCompleteness": class_info["completeness"],
+        "rlnClassPriorOffsetX": 0.0, "rlnClassPriorOffsetY": 0.0})
+    blocks = {"model_general": gen, "model_classes": classes}
+    for k in range(k_cls):
+        blocks[f"model_class_{k + 1}"] = pd.DataFrame({
+            "rlnSpectralIndex": shells, "rlnResolution": res_inv, "rlnAngstromResolution": ang_res,
+            "rlnSsnrMap": class_info["ssnr"][k], "rlnGoldStandardFsc": class_info["fsc"][k],
+            "rlnFourierCompleteness": class_info["shell_completeness"][k],
+            "rlnReferenceSigma2": sigma2, "rlnReferenceTau2": class_info["tau2"][k],
+            "rlnSpectralOrientabilityContribution": 0.0})
+    counts = np.bincount(_groups(ps), minlength=len(group_scale))
+    blocks["model_groups"] = pd.DataFrame({"rlnGroupNumber": np.arange(1, len(group_scale) + 1),
+                                           "rlnGroupName": [f"group_{g + 1}" for g in range(len(group_scale))],
+                                           "rlnGroupNrParticles": counts, "rlnGroupScaleCorrection": group_scale})
+    for g in range(len(group_scale)):
+        blocks[f"model_group_{g + 1}"] = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res_inv,
+                                                       "rlnSigma2Noise": sigma2})
+    return blocks
+
+
+def particles_table(ps: ParticleSet, angles: np.ndarray, offsets_px: np.ndarray, classes: np.ndarray, stats: dict):
+    """The particles' table with their poses (degrees; offsets in pixels, written in Å), classes and statistics."""
+    table = ps.table.copy()
+    p = table.particles
+    rot, tilt, psi = angles.T
+    p["rlnAngleRot"], p["rlnAngleTilt"], p["rlnAnglePsi"] = rot, tilt, psi
+    p["rlnOriginXAngst"] = offsets_px[:, 0] * ps.pixel_size
+    p["rlnOriginYAngst"] = offsets_px[:, 1] * ps.pixel_size
+    p["rlnClassNumber"] = classes.astype(int)
+    p["rlnNormCorrection"] = 1.0
+    p["rlnLogLikeliContribution"] = stats.get("log_likelihood", np.zeros(len(p)))
+    p["rlnMaxValueProbDistribution"] = stats.get("pmax", np.zeros(len(p)))
+    p["rlnNrOfSignificantSamples"] = np.asarray(stats.get("n_significant", np.zeros(len(p)))).astype(int)
+    return table
 
 
 def _spectral_snr(bp: BackProjector, ops, tau2: np.ndarray):
@@ -377,7 +414,7 @@ class EStepChunk:
     groups: np.ndarray  # (B,) 0-based group of each particle
     n_groups: int
     allowed: np.ndarray  # (B,) class a particle may take in iteration 1, -1 = any
-    halves: np.ndarray  # (B,) random half set (0, 1) of each particle: the classes' FSC, for the resolution
+    halves: np.ndarray | None  # (B,) random half set (0, 1) of each particle (the classes' FSC); None: sums per class
     options: Class3dOptions
     order: int
     r_cur: float
@@ -432,13 +469,21 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
     n, apix = ps.box, ps.pixel_size
     k_cls = len(ch.maps)
     mask2d = _image_mask(n, ch.radius_px)
-    grid = None if o.skip_align else _search_grid(ch.order, o, device)
+    local = o.sigma_ang > 0 and not o.skip_align
+    grid = None if (o.skip_align or local) else _search_grid(ch.order, o, device)
     px_f = FourierPixels.make(n, ch.r_cur, device=device)
     px_c = FourierPixels.make(n, min(ch.r_cur, ch.r_coarse), device=device)
     projectors = [Projector(ch.maps[k], r_max=min(n // 2, ch.r_cur + 2), device=device) for k in range(k_cls)]
     coarse_refs = ([projectors[k].project_pixels(grid.coarse_rot, px_c.kx, px_c.ky) for k in range(k_cls)]
                    if grid is not None else None)
-    bps = [BackProjector(n, r_max=ch.r_cur, device=device) for _ in range(2 * k_cls)]
+    if local:  # each image's neighbourhood only, at the fine angular step and the fine translations
+        deltas, delta_deg = local_rotations(angular_step(ch.order + 1), o.sigma_ang)
+        deltas = torch.as_tensor(deltas, dtype=torch.float32, device=device)
+        delta_deg = torch.as_tensor(delta_deg, dtype=torch.float32, device=device)
+        local_t = torch.as_tensor(oversampled_translations(o.offset_range, o.offset_step)[1], dtype=torch.float32,
+                                  device=device)
+    # M-step sums: per class, and per random half set when ``halves`` is given (index h·K + k)
+    bps = [BackProjector(n, r_max=ch.r_cur, device=device) for _ in range(k_cls if ch.halves is None else 2 * k_cls)]
     sigma2_t = torch.as_tensor(ch.sigma2, dtype=torch.float32, device=device)
     log_prior = torch.as_tensor(np.log(np.clip(ch.class_fractions, 1e-10, None)), dtype=torch.float32, device=device)
     m = len(ch.indices)
@@ -460,10 +505,17 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
             c = torch.ones(x.shape, dtype=torch.float32, device=device)
         c = c * torch.as_tensor(ch.scale[sl], dtype=torch.float32, device=device)[:, None, None]
         allowed = torch.as_tensor(ch.allowed[sl], device=device)
-        half = torch.as_tensor(ch.halves[sl], dtype=torch.long, device=device)
-        if grid is None:
+        half = None if ch.halves is None else torch.as_tensor(ch.halves[sl], dtype=torch.long, device=device)
+        if o.skip_align:
             rots = torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32, device=device)
             r = _skip_align_batch(x, c, rots, projectors, px_f, sigma2_t, log_prior, bps, allowed, half)
+        elif local:
+            prior_rot = torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32, device=device)
+            r = local_search_batch(x, c, old, prior_rot, deltas, delta_deg, local_t, projectors, px_f, sigma2_t,
+                                   log_prior, ch.sigma_offset_px, o.sigma_ang, bps, allowed, o.adaptive_fraction,
+                                   half=half)
+            out.offsets_px[sl] = ch.offsets_px[sl] + r.best_translation
+            out.angles[sl] = np.stack(matrix_to_euler(r.best_rotation.astype(np.float64)), 1)
         else:
             prior_rot = (torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32, device=device)
                          if o.sigma_ang > 0 else None)
@@ -502,6 +554,20 @@ def _combine(results: list[EStepResult]) -> EStepResult:
             ("class_post_sum", "res_terms", "pix_shell", "xa_g", "aa_g", "off_sq", "flops", "poses")}
     acc = [sum(r.acc[k].cpu() for r in results) for k in range(len(first.acc))]
     return EStepResult(**cat, **sums, acc=acc)
+
+
+def run_estep(todo: np.ndarray, bs: int, chunk, device, cluster, progress: Progress | None) -> EStepResult:
+    """The E-step of particles ``todo`` in batches of ``bs``: in this process, or split at batch boundaries
+    over the Dask ``cluster``'s workers. ``chunk(indices, first_batch, device, threads)`` makes an EStepChunk."""
+    if cluster is None:
+        return estep_chunk(chunk(todo, 0, str(device)), progress)
+    n_batches = int(np.ceil(len(todo) / bs))
+    per = int(np.ceil(n_batches / max(1, cluster.n_chunks)))
+    tasks = [chunk(todo[b * bs:(b + per) * bs], b, "cpu", cluster.threads) for b in range(0, n_batches, per)]
+    res = _combine(cluster.map(estep_chunk, tasks))
+    if progress is not None:
+        progress.update(len(todo))
+    return res
 
 
 def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptions,
@@ -577,13 +643,7 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
     if not continue_from:
         if ref is None:
             raise InputError(None, "--ref map.mrc is required")
-        vol, ref_apix = read_map(ref)
-        if vol.shape != (n, n, n):
-            raise InputError(ref, f"reference is {vol.shape[2]}x{vol.shape[1]}x{vol.shape[0]}, particles are {n} pixels")
-        if ref_apix > 0 and abs(ref_apix - apix) > 0.01 * apix:
-            raise InputError(ref, f"reference pixel size {ref_apix:.3f} Å differs from the particles' {apix:.3f} Å")
-        if o.ini_high and o.ini_high > 0:
-            vol = lowpass(vol, apix, o.ini_high)
+        vol = load_reference(ref, ps, o.ini_high)
         maps = np.repeat(vol[None].astype(np.float32), o.n_classes, axis=0)
         rng = np.random.default_rng(o.seed)
         r0 = min(n // 2, n * apix / o.ini_high) if o.ini_high and o.ini_high > 0 else n // 2
@@ -646,15 +706,7 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
                               radius_px, dev, threads)
 
         t_estep = time.perf_counter()
-        if cluster is None:
-            res_all = estep_chunk(chunk(todo, 0, str(device)), prog)
-        else:
-            n_batches = int(np.ceil(n_used / bs))
-            per = int(np.ceil(n_batches / max(1, cluster.n_chunks)))
-            bounds = list(range(0, n_batches, per))
-            tasks = [chunk(todo[b * bs:(b + per) * bs], b, "cpu", cluster.threads) for b in bounds]
-            res_all = _combine(cluster.map(estep_chunk, tasks))
-            prog.update(n_used)
+        res_all = run_estep(todo, bs, chunk, device, cluster, prog)
         rate.add(res_all.flops, time.perf_counter() - t_estep, res_all.poses, n_used)
         bps = [BackProjector(n, r_max=r_cur, device=device) for _ in range(k_cls)]
         for k, bp in enumerate(bps):
@@ -850,7 +902,7 @@ def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps, allowe
     pix_shell = torch.zeros(nsh, dtype=torch.float64, device=x.device).index_add_(0, px.shell, m.double() * b)
     k_cls = len(projs)
     for d, bp in enumerate(bps):
-        pk = post[:, d % k_cls] * (half == d // k_cls).to(post.dtype)
+        pk = post[:, d % k_cls] * (1.0 if half is None else (half == d // k_cls).to(post.dtype))
         bp.insert_pixels(xf * cf * pk[:, None], cf * cf * pk[:, None], rots, px.kx, px.ky)
     z = np.zeros(b)
     return BatchResult(best.cpu().numpy(), rots.cpu().numpy(), np.zeros((b, 2)), post.max(1).values.cpu().numpy(),

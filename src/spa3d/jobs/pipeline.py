@@ -9,11 +9,12 @@ and writes into the next free ``<Type>/jobNNN/``. The pipeline record
 - data_pipeline_general: rlnPipeLineJobCounter (the next job number);
 - data_pipeline_processes: rlnPipeLineProcessName ("Class3D/job002/"),
   rlnPipeLineProcessAlias ("None"), rlnPipeLineProcessType (RELION's
-  process numbers: Import 0, Extract 5, Select 7, Class3D 9,
-  InitialModel 18, External 99) and rlnPipeLineProcessStatus (running 0,
+  process numbers: Import 0, Extract 5, Select 7, Class3D 9, Refine3D 10,
+  MaskCreate 12, PostProcess 15, InitialModel 18, External 99) and rlnPipeLineProcessStatus (running 0,
   finished 2, failed 3);
 - data_pipeline_nodes: rlnPipeLineNodeName, rlnPipeLineNodeType (RELION's
-  node numbers: micrographs 1, particles 3, 3D reference 6, model 8);
+  node numbers: micrographs 1, particles 3, 3D reference 6, mask 7,
+  model 8, half map 10, final map 11, post-process 14);
 - data_pipeline_input_edges (node → process) and
   data_pipeline_output_edges (process → node).
 
@@ -38,8 +39,10 @@ import pandas as pd
 from spa3d.errors import InputError
 from spa3d.io.atomic_write import atomic_path
 
-PROCESS_TYPES = {"Import": 0, "Extract": 5, "Select": 7, "Class3D": 9, "InitialModel": 18, "External": 99}
-NODE_MICS, NODE_PARTICLES, NODE_3DREF, NODE_MODEL = 1, 3, 6, 8
+PROCESS_TYPES = {"Import": 0, "Extract": 5, "Select": 7, "Class3D": 9, "Refine3D": 10, "MaskCreate": 12,
+                 "PostProcess": 15, "InitialModel": 18, "External": 99}
+NODE_MICS, NODE_PARTICLES, NODE_3DREF, NODE_MASK, NODE_MODEL, NODE_HALFMAP, NODE_FINALMAP, NODE_POST = (
+    1, 3, 6, 7, 8, 10, 11, 14)
 RUNNING, FINISHED, FAILED = 0, 2, 3
 PIPELINE = "default_pipeline.star"
 
@@ -242,6 +245,20 @@ def job_nodes(job: str, args, job_dir: Path) -> tuple[list[tuple[str, int]], lis
         return [(args.i, NODE_PARTICLES)], iterative_outputs(job_dir)
     if job == "class3d":
         return [(args.i, NODE_PARTICLES), (args.ref, NODE_3DREF)], iterative_outputs(job_dir)
+    if job == "refine3d":
+        outs = [(str(job_dir / f), t) for f, t in (("run_data.star", NODE_PARTICLES), ("run_model.star", NODE_MODEL),
+                                                     ("run_class001.mrc", NODE_3DREF),
+                                                     ("run_half1_class001_unfil.mrc", NODE_HALFMAP))
+                if (job_dir / f).exists()]
+        return [(args.i, NODE_PARTICLES), (args.ref, NODE_3DREF)], outs
+    if job == "mask":
+        return [(args.i, NODE_3DREF)], [(str(job_dir / "mask.mrc"), NODE_MASK)]
+    if job == "postprocess":
+        ins = [(args.i, NODE_HALFMAP)] + ([(args.mask, NODE_MASK)] if args.mask else [])
+        outs = [(str(job_dir / "postprocess.mrc"), NODE_FINALMAP), (str(job_dir / "postprocess.star"), NODE_POST)]
+        if args.mask:
+            outs.append((str(job_dir / "postprocess_masked.mrc"), NODE_FINALMAP))
+        return ins, outs
     if job == "select":
         return [(args.i, NODE_MODEL)], [(str(job_dir / "particles.star"), NODE_PARTICLES)]
     if job == "extract":

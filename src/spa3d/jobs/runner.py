@@ -16,7 +16,8 @@ from pathlib import Path
 from spa3d.errors import InputError
 
 #: jobs that can run in a RELION project directory (--project), with their RELION job type
-PROJECT_JOBS = {"simulate": "Import", "initial-model": "InitialModel", "class3d": "Class3D", "select": "Select",
+PROJECT_JOBS = {"simulate": "Import", "initial-model": "InitialModel", "class3d": "Class3D", "refine3d": "Refine3D",
+                "mask": "MaskCreate", "postprocess": "PostProcess", "select": "Select",
                 "extract": "Extract"}
 #: jobs that write report.html into their job directory when they end
 REPORTED_JOBS = ("simulate", "initial-model", "class3d", "select", "extract")
