@@ -394,7 +394,7 @@ def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster
     while not st.finished and st.iteration < o.max_iter:
         t_it = time.perf_counter()
         it = st.iteration + 1
-        final = st.converged or it == o.max_iter
+        final = st.converged
         r_cur = float(n // 2 - 1) if final else float(min(n // 2 - 1, st.r_current))
         e_opts = _estep_options(o, 1, st.sigma_ang, st.order, st.offset_range, st.offset_step)
         n_coarse = (len(oversampled_orientations(st.order, o.symmetry)[0]) * len(oversampled_translations(
@@ -682,7 +682,7 @@ def add_args(p) -> None:
     p.add_argument("--sym", default="C1", help="point group (default C1)")
     p.add_argument("--tau2-fudge", type=float, default=1.0, help="regularisation parameter T (default 1)")
     p.add_argument("--max-iter", type=int, default=50, help="stop after this many iterations even if not converged "
-                   "(the last is then done as the final one; default 50)")
+                   "(then without the final maps, as RELION's --iter; --continue with a larger value goes on; default 50)")
     p.add_argument("--batch-size", type=int, default=None, help="particles per batch (default: from free memory)")
     add_iterative(p)
     add_device(p)

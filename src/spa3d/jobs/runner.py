@@ -20,7 +20,7 @@ PROJECT_JOBS = {"simulate": "Import", "initial-model": "InitialModel", "class3d"
                 "mask": "MaskCreate", "postprocess": "PostProcess", "select": "Select",
                 "extract": "Extract"}
 #: jobs that write report.html into their job directory when they end
-REPORTED_JOBS = ("simulate", "initial-model", "class3d", "select", "extract")
+REPORTED_JOBS = ("simulate", "initial-model", "class3d", "refine3d", "mask", "postprocess", "select", "extract")
 
 
 def given_dests(module, argv: list[str]) -> set[str]:

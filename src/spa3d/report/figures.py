@@ -170,6 +170,21 @@ def fsc_plot(curves: dict[str, np.ndarray], n: int, pixel_size: float, path) -> 
     return _save(fig, path)
 
 
+def guinier_plot(x: np.ndarray, curves: dict[str, np.ndarray], path, fit: tuple[float, float] | None = None) -> Path:
+    """ln(mean |F|) per shell against 1/d² (Å⁻²), with the fitted line (slope, intercept) of the B-factor."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, y in curves.items():
+        ok = np.asarray(y) > -99
+        ax.plot(np.asarray(x)[ok], np.asarray(y)[ok], label=label)
+    if fit is not None and fit[0] != 0:
+        ax.plot(x, fit[1] + fit[0] * np.asarray(x), color="grey", ls="--", lw=0.8,
+                label=f"fit: B = {4 * fit[0]:.0f} Å²")
+    ax.set_xlabel("1/d² (Å⁻²)")
+    ax.set_ylabel("ln |F|")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def particle_gallery(images: np.ndarray, path, title: str = "") -> Path:
     """Up to 32 particle images tiled, 8 per row, each scaled to its own range (one montage image)."""
     k = min(len(images), 32)

@@ -10,6 +10,10 @@ What a job directory holds decides what the report shows:
   curves against a ground truth when one is given;
 - other maps in the directory (e.g. _alignD2 / _symD2 maps, reconstructions):
   slices, projections and an isosurface;
+- refinements (run_itNNN_half1_model.star: refine3d): the half maps' FSC
+  (gold standard), the resolution per iteration and the orientations;
+- post-processing (postprocess.star): the unmasked, masked,
+  phase-randomised and corrected FSC curves and the Guinier plot;
 - particle jobs (particles.star: select, extract, simulate): counts, optics,
   and a gallery of the first particles.
 """
@@ -107,6 +111,63 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)
 
 
+def _refinement_sections(job: Path, out: Path, fg) -> list[str]:
+    """A refinement's (refine3d) gold-standard FSC of the half maps and orientations of the last iteration."""
+    its = sorted(int(m.group(1)) for p in job.glob("run_it*_half1_model.star")
+                 if (m := re.search(r"run_it(\d+)_half1_model\.star$", p.name)))
+    if not its:
+        return []
+    parts = []
+    model_path = job / "run_model.star" if (job / "run_model.star").exists() else \
+        job / f"run_it{its[-1]:03d}_half1_model.star"
+    m = read_star(model_path)
+    gen = m["model_general"]
+    n, apix = int(gen["rlnOriginalImageSize"].iloc[0]), float(gen["rlnPixelSize"].iloc[0])
+    final = (job / "run_model.star").exists()
+    res = [float(read_star(job / f"run_it{i:03d}_half1_model.star")["model_classes"]["rlnEstimatedResolution"].iloc[0])
+           for i in its]
+    parts.append("<h2>Refinement</h2><p>" + (f"converged after {its[-1]} iterations: final resolution "
+                 f"{float(gen['rlnCurrentResolution'].iloc[0]):.2f} Å (half maps' FSC 0.143, unmasked)" if final else
+                 f"{its[-1]} iterations, not converged") + ". Half maps' FSC 0.143 per iteration: "
+                 + ", ".join(f"{r:.1f}" for r in res) + " Å.</p>")
+    fsc_curve = m["model_class_1"]["rlnGoldStandardFsc"].astype(float).to_numpy()
+    parts.append(_img(fg.fsc_plot({"half maps (gold standard)": fsc_curve}, n, apix, out / "fsc_halves.png"),
+                      f"FSC of the half maps ({model_path.name})"))
+    data = job / "run_data.star" if final else job / f"run_it{its[-1]:03d}_data.star"
+    p = read_star(data).get("particles")
+    if p is not None and {"rlnAngleRot", "rlnAngleTilt"} <= set(p.columns):
+        parts.append(_img(fg.orientation_distribution(p["rlnAngleRot"].astype(float), p["rlnAngleTilt"].astype(float),
+                                                      out / "orientations.png"),
+                          f"viewing directions of {len(p)} particles ({data.name})"))
+    return parts
+
+
+def _postprocess_sections(job: Path, out: Path, fg) -> list[str]:
+    """A post-processing job's FSC curves (unmasked, masked, phase-randomised, corrected) and Guinier plot."""
+    star = job / "postprocess.star"
+    if not star.exists():
+        return []
+    pp = read_star(star)
+    gen, table, gui = pp["general"], pp["fsc"], pp["guinier"]
+    n = 2 * (len(table) - 1)
+    apix = n and float(table["rlnAngstromResolution"].iloc[1]) / n
+    names = {"rlnFourierShellCorrelationUnmaskedMaps": "unmasked", "rlnFourierShellCorrelationMaskedMaps": "masked",
+             "rlnCorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps": "phase-randomised, masked",
+             "rlnFourierShellCorrelationCorrected": "corrected"}
+    curves = {label: table[col].astype(float).to_numpy() for col, label in names.items() if col in table}
+    slope = float(gen["rlnFittedSlopeGuinierPlot"].iloc[0]) if "rlnFittedSlopeGuinierPlot" in gen else 0.0
+    icpt = float(gen["rlnFittedInterceptGuinierPlot"].iloc[0]) if "rlnFittedInterceptGuinierPlot" in gen else 0.0
+    g = {"original": gui["rlnLogAmplitudesOriginal"], "FSC-weighted": gui["rlnLogAmplitudesWeighted"],
+         "sharpened": gui["rlnLogAmplitudesSharpened"]}
+    return ["<h2>Post-processing</h2>"
+            f"<p>final resolution {float(gen['rlnFinalResolution'].iloc[0]):.2f} Å (corrected FSC 0.143), "
+            f"B-factor {float(gen['rlnBfactorUsedForSharpening'].iloc[0]):.1f} Å².</p>",
+            _img(fg.fsc_plot(curves, n, apix, out / "fsc_postprocess.png"), "FSC of the half maps"),
+            _img(fg.guinier_plot(gui["rlnResolutionSquared"].astype(float).to_numpy(),
+                                 {k: v.astype(float).to_numpy() for k, v in g.items()}, out / "guinier.png",
+                                 (slope, icpt)), "Guinier plot")]
+
+
 def make_report(job_dir: str | Path, truth: str | Path | None = None) -> Path:
     """Write ``job_dir/report.html`` and ``job_dir/report/*.png``; returns the HTML path."""
     from spa3d.report import figures as fg
@@ -165,8 +226,10 @@ def make_report(job_dir: str | Path, truth: str | Path | None = None) -> Path:
             parts.append("<h2>FSC against the ground truth</h2>" + _img(
                 fg.fsc_plot(curves, truth_map.shape[0], apix, out / "fsc.png"), "FSC of each class against the truth"))
 
+    parts += _refinement_sections(job, out, fg)
+    parts += _postprocess_sections(job, out, fg)
     others = [p for p in sorted(job.glob("*.mrc")) if p.name not in shown_maps and not _IT.search(p.name)
-              and not re.match(r"run_it\d+_class\d+\.mrc$", p.name)]
+              and not re.match(r"run_it\d+_", p.name)]
     if others:
         parts.append("<h2>Maps</h2>")
         for p in others:
