@@ -8,10 +8,19 @@ selectOrientationsWithNonZeroPriorProbability). Every image has its own
 neighbourhood, so the global search's shared GEMM (every image against every
 rotation of the grid) would spend almost all of its work on rotations of
 zero prior. Here each image is scored against its own rotations,
-``A_prev · Δ_j`` for a fixed set of small rotations Δ_j (a cubic lattice of
-rotation vectors, spacing the sampling step, inside the 3σ ball), in one
-batched matrix product per chunk of images: exhaustive inside the
-neighbourhood, so no coarse-to-fine pass is needed.
+``A_prev · Δ_j`` for a fixed set of small rotations Δ_j, coarse to fine as
+the global search (RELION's adaptive oversampling):
+
+1. coarse pass: Δ_j on a cubic lattice of rotation vectors, spacing twice
+   the sampling step, covering the 3σ ball, and the coarse translations, at
+   the coarse radius, in one batched matrix product per chunk of images;
+   the samples holding ``adaptive_fraction`` of each image's posterior are
+   kept;
+2. fine pass: their 8 rotation children (± half a coarse spacing along each
+   axis: the lattice at the sampling step) and 4 translation children, at
+   the full radius, with the M-step sums, by the global search's fine pass
+   (:func:`spa3d.inference.search._fine_pass`) on a grid made of the batch's
+   own rotations.
 
 Conventions as :mod:`spa3d.inference.search`: half-plane Fourier pixels
 inside a radius (cycles per box), translations in pixels moving the image by
@@ -26,160 +35,124 @@ from scipy.spatial.transform import Rotation
 
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.fourier.projector import Projector
-from spa3d.inference.likelihood import FourierPixels, residual_power, residual_power_terms
+from spa3d.inference.likelihood import FourierPixels, residual_power
 from spa3d.inference.search import BatchResult, _pixel_weights
 
 
-def local_rotations(step_deg: float, sigma_deg: float) -> tuple[np.ndarray, np.ndarray]:
-    """Small rotations Δ (J, 3, 3) and their angles (J,) in degrees: a lattice of ``step_deg`` inside 3σ.
+def local_rotations(step_deg: float, sigma_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The local search's coarse rotations and their children (rotation vectors in degrees).
 
-    The rotation vectors lie on a cubic lattice of spacing ``step_deg``
-    (nearest neighbours one step apart, as the HEALPix grid's), the identity
-    included; J ≈ (4π/3)·(3σ/step)³ (905 for RELION's σ = 2 steps).
+    Coarse: a cubic lattice of spacing 2·``step_deg`` inside 3σ plus half a
+    lattice diagonal (so that the children cover the 3σ ball), the identity
+    included; children: the 8 points ± ``step_deg``/2 along each axis around
+    each, the lattice at the sampling step (child j of coarse c is row 8c + j).
+    Returns (coarse (Jc, 3, 3), their angles (Jc,) in degrees, children (Jc·8, 3, 3)).
     """
-    step = float(step_deg)
-    m = int(np.floor(3 * sigma_deg / step + 1e-9))
-    g = np.arange(-m, m + 1) * step
+    coarse_step = 2.0 * float(step_deg)
+    reach = 3 * sigma_deg + 0.5 * np.sqrt(3) * coarse_step
+    m = int(np.floor(reach / coarse_step + 1e-9))
+    g = np.arange(-m, m + 1) * coarse_step
     v = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
-    ang = np.linalg.norm(v, axis=1)
-    v = v[ang <= 3 * sigma_deg + 1e-9]
-    return Rotation.from_rotvec(np.deg2rad(v)).as_matrix(), np.linalg.norm(v, axis=1)
-
-
-def _rotation_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Angle in degrees between rotations a (..., 3, 3) and b (..., 3, 3) (broadcast)."""
-    tr = (a * b).sum((-1, -2))
-    return torch.rad2deg(torch.arccos(((tr - 1) / 2).clamp(-1, 1)))
+    v = v[np.linalg.norm(v, axis=1) <= reach + 1e-9]
+    corners = np.stack(np.meshgrid([-1, 1], [-1, 1], [-1, 1], indexing="ij"), -1).reshape(8, 3) * (step_deg / 2)
+    children = (v[:, None, :] + corners[None]).reshape(-1, 3)
+    as_matrix = lambda r: Rotation.from_rotvec(np.deg2rad(r)).as_matrix()  # noqa: E731
+    return as_matrix(v), np.linalg.norm(v, axis=1), as_matrix(children)
 
 
 def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torch.Tensor,
-                       prior_rot: torch.Tensor, deltas: torch.Tensor, delta_deg: torch.Tensor,
-                       translations: torch.Tensor, projectors: list[Projector], px: FourierPixels,
+                       prior_rot: torch.Tensor, local: tuple, coarse_trans: torch.Tensor, fine_trans: torch.Tensor,
+                       projectors: list[Projector], px_coarse: FourierPixels, px_fine: FourierPixels,
                        sigma2_shell: torch.Tensor, log_class_prior: torch.Tensor, offset_sigma_px: float,
                        sigma_ang: float, backprojectors: list[BackProjector] | None = None,
                        allowed_class: torch.Tensor | None = None, adaptive_fraction: float = 0.999,
-                       half: torch.Tensor | None = None, chunk_bytes: int = 256 << 20) -> BatchResult:
+                       max_significant: int = 256, half: torch.Tensor | None = None,
+                       chunk_bytes: int = 128 << 20) -> BatchResult:
     """E-step (and M-step sums) of one batch, searching each image's neighbourhood only.
 
     x_full (B, n, n//2+1): image FTs shifted by ``old_offsets`` (B, 2) pixels;
     ctf_full: CTF times the group scale; prior_rot (B, 3, 3): each image's
-    previous rotation; deltas (J, 3, 3) with angles ``delta_deg`` (J,):
-    the rotations searched are ``prior_rot[b] @ deltas[j]``, with a Gaussian
-    prior of ``sigma_ang`` degrees on the angle; translations (T, 2) pixels
-    with a Gaussian prior (``offset_sigma_px``) on the total offset;
-    allowed_class (B,) restricts an image to one class (-1 any). The M-step
-    sums of the (class, rotation) pairs that hold ``adaptive_fraction`` of an
-    image's posterior go to ``backprojectors[k]`` (``[h·K + k]`` with
-    ``half``), the posterior renormalised over them, as the global search does.
+    previous rotation; ``local``: :func:`local_rotations`' output as tensors
+    (coarse Δ, their angles in degrees, children); the rotations searched are
+    ``prior_rot[b] @ Δ``, with a Gaussian prior of ``sigma_ang`` degrees on
+    the angle (zero beyond 3σ in the coarse pass); coarse_trans (Tc, 2) and
+    fine_trans (Tc·4, 2) pixels (:func:`oversampled_translations`), with a
+    Gaussian prior (``offset_sigma_px``) on the total offset; allowed_class
+    (B,) restricts an image to one class (-1 any). M-step sums go to
+    ``backprojectors[k]`` (``[h·K + k]`` with ``half``), as the global search's.
     """
+    from spa3d.inference.search import SearchGrid, _fine_pass, significant_samples
+
     dev = x_full.device
-    b_all = x_full.shape[0]
+    b = x_full.shape[0]
     k_cls = len(projectors)
-    n_j, n_t = deltas.shape[0], translations.shape[0]
-    xs, cs = px.take(x_full), px.take(ctf_full).to(torch.float32)
-    w = _pixel_weights(px, sigma2_shell, False)
-    phases = px.shift_phases(translations)  # (T, P)
+    deltas, delta_deg, children = local
+    n_j, n_t = deltas.shape[0], coarse_trans.shape[0]
+    # the batch's own grid: image b's coarse rotations are rows b·Jc .. b·Jc + Jc − 1, their children 8 each
+    rots = torch.matmul(prior_rot[:, None].to(torch.float32), deltas[None].to(torch.float32))  # (B, Jc, 3, 3)
+    fine_rots = torch.matmul(prior_rot[:, None].to(torch.float32), children[None].to(torch.float32))
+    grid = SearchGrid(rots.reshape(-1, 3, 3), fine_rots.reshape(-1, 3, 3), coarse_trans, fine_trans)
+
+    # ---- coarse pass, each image against its own rotations ----
+    xs, cs = px_coarse.take(x_full), px_coarse.take(ctf_full).to(torch.float32)
+    w = _pixel_weights(px_coarse, sigma2_shell, False)
+    phases = px_coarse.shift_phases(coarse_trans)
     n_p = xs.shape[1]
     norm_x = ((xs.real**2 + xs.imag**2) * w).sum(1)
-    total = old_offsets[:, None, :] + translations[None]
-    prior_t = -(total**2).sum(-1) / (2 * max(offset_sigma_px, 1e-3) ** 2)  # (B, T)
-    prior_r = -(delta_deg**2) / (2 * sigma_ang**2)  # (J,)
-    allowed = allowed_class if allowed_class is not None else torch.full((b_all,), -1, device=dev, dtype=torch.long)
-    nsh = int(px.shell.max()) + 1
-    res_terms = torch.zeros((3, nsh), dtype=torch.float64, device=dev)
-    out = {k: torch.zeros(b_all, device=dev) for k in ("pmax", "loge", "rot_spread", "trans_spread", "xa", "aa")}
-    best_k = torch.zeros(b_all, dtype=torch.long, device=dev)
-    best_rot = torch.zeros((b_all, 3, 3), device=dev)
-    best_t = torch.zeros((b_all, 2), device=dev)
-    class_post = torch.zeros((b_all, k_cls), device=dev)
-    n_sig = torch.zeros(b_all, dtype=torch.long, device=dev)
-    off_sq, flops, poses = 0.0, 0.0, 0.0
-    # images per chunk: their projections (J, P complex) per class, and the M-step sums alike
-    bc = int(max(1, min(b_all, chunk_bytes // max(1, 4 * 8 * n_j * n_p))))
-    m = px.multiplicity.to(torch.float32)
-    for s in range(0, b_all, bc):
-        sl = slice(s, min(s + bc, b_all))
-        nb = sl.stop - sl.start
-        rots = torch.matmul(prior_rot[sl, None].to(torch.float32), deltas[None].to(torch.float32))  # (nb, J, 3, 3)
-        xs_c, cs_c = xs[sl], cs[sl]
-        xsh = xs_c[:, None, :] * phases[None]  # (nb, T, P): X·S_t
-        a_ri = torch.view_as_real(xsh * (cs_c * w)[:, None, :]).reshape(nb, n_t, 2 * n_p)
-        cw2 = (cs_c * cs_c * w)[:, None, :]  # (nb, 1, P)
-        ll = torch.full((nb, k_cls, n_t, n_j), -torch.inf, device=dev)
-        projs = {}
+    prior_t_c = -((old_offsets[:, None, :] + coarse_trans[None]) ** 2).sum(-1) / (2 * max(offset_sigma_px, 1e-3) ** 2)
+    prior_r_c = -(delta_deg.to(torch.float32) ** 2) / (2 * sigma_ang**2)  # (Jc,)
+    allowed = allowed_class if allowed_class is not None else torch.full((b,), -1, device=dev, dtype=torch.long)
+    ll = torch.full((b, k_cls, n_t, n_j), -torch.inf, device=dev)
+    flops = 0.0
+    bc = int(max(1, min(b, chunk_bytes // max(1, 8 * n_j * n_p))))
+    for s0 in range(0, b, bc):
+        sl = slice(s0, min(s0 + bc, b))
+        a_ri = torch.view_as_real(xs[sl][:, None, :] * phases[None] * (cs[sl] * w)[:, None, :]).reshape(-1, n_t, 2 * n_p)
+        cw2 = (cs[sl] * cs[sl] * w)[:, None, :]
         for k in range(k_cls):
             rows = ((allowed[sl] < 0) | (allowed[sl] == k)).nonzero()[:, 0]
             if len(rows) == 0:
                 continue
-            pr = projectors[k].project_pixels(rots[rows].reshape(-1, 3, 3), px.kx, px.ky).reshape(len(rows), n_j, n_p)
-            cross = torch.bmm(a_ri[rows], torch.view_as_real(pr).reshape(len(rows), n_j, 2 * n_p).transpose(1, 2))
-            power = torch.bmm(cw2[rows], (pr.real**2 + pr.imag**2).transpose(1, 2))  # (r, 1, J)
-            ll[rows, k] = (cross - 0.5 * power - 0.5 * norm_x[sl][rows, None, None] + prior_t[sl][rows, :, None]
-                           + prior_r[None, None, :] + log_class_prior[k])
-            projs[k] = (rows, pr)
+            pr = projectors[k].project_pixels(rots[sl][rows].reshape(-1, 3, 3), px_coarse.kx, px_coarse.ky)
+            pr_ri = torch.view_as_real(pr).reshape(len(rows), n_j, n_p, 2)
+            cross = torch.bmm(a_ri[rows], pr_ri.reshape(len(rows), n_j, 2 * n_p).transpose(1, 2))
+            power = torch.bmm(cw2[rows], pr_ri.square().sum(-1).transpose(1, 2))
+            ll[sl][rows, k] = (cross - 0.5 * power - 0.5 * norm_x[sl][rows, None, None]
+                               + prior_t_c[sl][rows, :, None] + prior_r_c[None, None, :] + log_class_prior[k])
             flops += len(rows) * (2.0 * n_t * 2 * n_p * n_j + 2.0 * n_p * n_j)
-            poses += float(len(rows) * n_t * n_j)
-        flat = ll.reshape(nb, -1)
-        lse = torch.logsumexp(flat, 1)
-        post = torch.exp(flat - lse[:, None]).reshape(nb, k_cls, n_t, n_j)
-        top = flat.argmax(1)
-        kb, tb, jb = top // (n_t * n_j), (top // n_j) % n_t, top % n_j
-        ar = torch.arange(nb, device=dev)
-        out["pmax"][sl] = post.reshape(nb, -1)[ar, top]
-        out["loge"][sl] = lse
-        best_k[sl], best_t[sl], best_rot[sl] = kb, translations[tb], rots[ar, jb]
-        class_post[sl] = post.sum((2, 3))
-        # posterior spreads around the best pose
-        ang = _rotation_angle(deltas[None].to(torch.float32), deltas[jb][:, None].to(torch.float32))  # (nb, J)
-        p_rot = post.sum((1, 2))  # (nb, J)
-        p_t = post.sum((1, 3))  # (nb, T)
-        out["rot_spread"][sl] = (p_rot * ang**2).sum(1).sqrt()
-        out["trans_spread"][sl] = (p_t * ((translations[None] - translations[tb][:, None]) ** 2).sum(-1)).sum(1).sqrt()
-        off_sq += float((p_t * (total[sl] ** 2).sum(-1)).sum())
-        # the (class, rotation) pairs that hold adaptive_fraction of each image's posterior
-        pkj = post.sum(2).reshape(nb, -1)  # (nb, K·J)
-        srt, order = torch.sort(pkj, 1, descending=True)
-        keep_sorted = (torch.cumsum(srt, 1) - srt) < adaptive_fraction
-        keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
-        covered = (pkj * keep).sum(1).clamp_min(1e-30)
-        n_sig[sl] = keep.sum(1)
-        post = post * keep.reshape(nb, k_cls, 1, n_j) / covered[:, None, None, None]
-        for k, (rows, pr) in projs.items():
-            pk = post[rows, k]  # (r, T, J)
-            sel = keep.reshape(nb, k_cls, n_j)[rows, k].nonzero()  # (U, 2): (row, j)
-            if len(sel) == 0:
-                continue
-            r_i, j_i = sel[:, 0], sel[:, 1]
-            # Σ_t p·X·S_t, then × C: the posterior-weighted image of each kept (image, rotation)
-            data = torch.bmm(pk.transpose(1, 2).to(torch.complex64), xsh[rows])[r_i, j_i] * cs_c[rows][r_i]
-            wsum = pk.sum(1)[r_i, j_i]
-            weight = wsum[:, None] * (cs_c[rows][r_i] ** 2)
-            res_terms += residual_power_terms(px, xs_c[rows] if k == min(projs) else xs_c[:0], data, weight,
-                                              pr[r_i, j_i])
-            flops += len(rows) * 8.0 * n_j * n_t * n_p
-            if backprojectors is not None:
-                dest = k if half is None else None
-                if dest is not None:
-                    backprojectors[dest].insert_pixels(data, weight, rots[rows][r_i, j_i], px.kx, px.ky)
-                else:
-                    hh = half[sl][rows][r_i]
-                    for h in (0, 1):
-                        u = (hh == h).nonzero()[:, 0]
-                        if len(u):
-                            backprojectors[h * k_cls + k].insert_pixels(data[u], weight[u], rots[rows][r_i[u], j_i[u]],
-                                                                         px.kx, px.ky)
-            # group-scale statistics at the best pose
-            mine = (kb[rows] == k)
-            if mine.any():
-                rb = rows[mine]
-                pb = pr[mine.nonzero()[:, 0], jb[rb]]
-                cp = cs_c[rb] * pb
-                xb = xsh[rb, tb[rb]]
-                out["xa"][sl][rb] = ((xb.real * cp.real + xb.imag * cp.imag) * m).sum(1)
-                out["aa"][sl][rb] = ((cp.real**2 + cp.imag**2) * m).sum(1)
-    pix_shell = torch.zeros(nsh, dtype=torch.float64, device=dev).index_add_(0, px.shell, m.double() * b_all)
-    return BatchResult(best_k.cpu().numpy(), best_rot.cpu().numpy(), best_t.cpu().numpy(), out["pmax"].cpu().numpy(),
-                       n_sig.cpu().numpy(), out["loge"].cpu().numpy(), class_post.cpu().numpy(),
-                       out["rot_spread"].cpu().numpy(), out["trans_spread"].cpu().numpy(), off_sq,
-                       residual_power(res_terms).cpu().numpy(), pix_shell.cpu().numpy(), out["xa"].cpu().numpy(),
-                       out["aa"].cpu().numpy(), flops, poses, res_terms.cpu().numpy())
+    n_sig_all = torch.zeros(b, dtype=torch.long, device=dev)
+    img, flat, n_sig, _ = significant_samples(ll.reshape(b, -1), adaptive_fraction, max_significant)
+    n_sig_all[:] = n_sig
+    # flat index into the batch's grid: (class, coarse translation, rotation b·Jc + j)
+    kk, tt, jj = flat // (n_t * n_j), (flat // n_j) % n_t, flat % n_j
+    n_rc = b * n_j
+    flat_grid = kk * (n_t * n_rc) + tt * n_rc + img * n_j + jj
+
+    # ---- fine pass: children of the significant samples, M-step sums (the global search's) ----
+    def prior_t(total: torch.Tensor) -> torch.Tensor:
+        return -(total**2).sum(-1) / (2 * max(offset_sigma_px, 1e-3) ** 2)
+
+    def prior_r(r: torch.Tensor, images: torch.Tensor, cutoff: bool = True) -> torch.Tensor:
+        tr = torch.einsum("sij,smij->sm", prior_rot[images].to(torch.float32), r)
+        ang = torch.rad2deg(torch.arccos(((tr - 1) / 2).clamp(-1, 1)))
+        return -(ang**2) / (2 * sigma_ang**2)
+
+    out = {"bk": torch.zeros(b, dtype=torch.long, device=dev), "brot": torch.zeros((b, 3, 3), device=dev),
+           "btrans": torch.zeros((b, 2), device=dev), "pmax": torch.zeros(b, device=dev),
+           "loge": torch.zeros(b, device=dev), "class_post": torch.zeros((b, k_cls), device=dev),
+           "rot_spread": torch.zeros(b, device=dev), "trans_spread": torch.zeros(b, device=dev),
+           "xa": torch.zeros(b, device=dev), "aa": torch.zeros(b, device=dev)}
+    nsh = int(px_fine.shell.max()) + 1
+    sums = {"off_sq": 0.0, "flops": flops, "poses": float(b * k_cls * n_t * n_j),
+            "res_terms": torch.zeros((3, nsh), dtype=torch.float64, device=dev),
+            "pix_shell": torch.zeros(nsh, dtype=torch.float64, device=dev)}
+    _fine_pass(img, flat_grid, b, torch.ones(b, dtype=torch.bool, device=dev), x_full, ctf_full, old_offsets, grid,
+               projectors, px_fine, sigma2_shell, log_class_prior, k_cls, False, prior_t, prior_r, backprojectors,
+               512, out, sums, False, half)
+    return BatchResult(out["bk"].cpu().numpy(), out["brot"].cpu().numpy(), out["btrans"].cpu().numpy(),
+                       out["pmax"].cpu().numpy(), n_sig_all.cpu().numpy(), out["loge"].cpu().numpy(),
+                       out["class_post"].cpu().numpy(), out["rot_spread"].sqrt().cpu().numpy(),
+                       out["trans_spread"].sqrt().cpu().numpy(), float(sums["off_sq"]),
+                       residual_power(sums["res_terms"]).cpu().numpy(), sums["pix_shell"].cpu().numpy(),
+                       out["xa"].cpu().numpy(), out["aa"].cpu().numpy(), sums["flops"], sums["poses"],
+                       sums["res_terms"].cpu().numpy())

@@ -202,10 +202,22 @@ def _groups(ps: ParticleSet) -> np.ndarray:
     return inv
 
 
-def load_reference(ref: str, ps: ParticleSet, ini_high: float | None) -> np.ndarray:
-    """The reference map, checked against the particles' box and pixel size, low-passed to ``ini_high`` Å."""
+def load_reference(ref: str, ps: ParticleSet, ini_high: float | None, rescale: bool = False) -> np.ndarray:
+    """The reference map, checked against the particles' box and pixel size, low-passed to ``ini_high`` Å.
+
+    With ``rescale`` a reference of another pixel size or box is resampled to the particles' pixel size and
+    cut or padded to their box (:func:`spa3d.maps.transform.rescale_map`) instead of being refused.
+    """
     n, apix = ps.box, ps.pixel_size
     vol, ref_apix = read_map(ref)
+    if rescale and (vol.shape != (n, n, n) or (ref_apix > 0 and abs(ref_apix - apix) > 0.01 * apix)):
+        from spa3d.maps.transform import rescale_map
+
+        if vol.shape[0] != vol.shape[1] or vol.shape[1] != vol.shape[2]:
+            raise InputError(ref, f"reference is not a cube: {vol.shape}")
+        vol, got = rescale_map(vol, ref_apix if ref_apix > 0 else apix, apix, n)
+        log.info(f"reference {ref} rescaled to {got:.4f} Å/px (particles {apix:.4f}) and box {n}")
+        ref_apix = apix
     if vol.shape != (n, n, n):
         raise InputError(ref, f"reference is {vol.shape[2]}x{vol.shape[1]}x{vol.shape[0]}, particles are {n} pixels "
                               "(rescale it: relion_image_handler --angpix --rescale_angpix --new_box)")
@@ -476,12 +488,11 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
     projectors = [Projector(ch.maps[k], r_max=min(n // 2, ch.r_cur + 2), device=device) for k in range(k_cls)]
     coarse_refs = ([projectors[k].project_pixels(grid.coarse_rot, px_c.kx, px_c.ky) for k in range(k_cls)]
                    if grid is not None else None)
-    if local:  # each image's neighbourhood only, at the fine angular step and the fine translations
-        deltas, delta_deg = local_rotations(angular_step(ch.order + 1), o.sigma_ang)
-        deltas = torch.as_tensor(deltas, dtype=torch.float32, device=device)
-        delta_deg = torch.as_tensor(delta_deg, dtype=torch.float32, device=device)
-        local_t = torch.as_tensor(oversampled_translations(o.offset_range, o.offset_step)[1], dtype=torch.float32,
-                                  device=device)
+    if local:  # each image's neighbourhood only, coarse to fine (the fine step: the order's oversampled step)
+        local_grid = tuple(torch.as_tensor(a, dtype=torch.float32, device=device)
+                           for a in local_rotations(angular_step(ch.order + 1), o.sigma_ang))
+        local_t = [torch.as_tensor(t, dtype=torch.float32, device=device)
+                   for t in oversampled_translations(o.offset_range, o.offset_step)]
     # M-step sums: per class, and per random half set when ``halves`` is given (index h·K + k)
     bps = [BackProjector(n, r_max=ch.r_cur, device=device) for _ in range(k_cls if ch.halves is None else 2 * k_cls)]
     sigma2_t = torch.as_tensor(ch.sigma2, dtype=torch.float32, device=device)
@@ -511,9 +522,9 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
             r = _skip_align_batch(x, c, rots, projectors, px_f, sigma2_t, log_prior, bps, allowed, half)
         elif local:
             prior_rot = torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32, device=device)
-            r = local_search_batch(x, c, old, prior_rot, deltas, delta_deg, local_t, projectors, px_f, sigma2_t,
-                                   log_prior, ch.sigma_offset_px, o.sigma_ang, bps, allowed, o.adaptive_fraction,
-                                   half=half)
+            r = local_search_batch(x, c, old, prior_rot, local_grid, local_t[0], local_t[1], projectors, px_c, px_f,
+                                   sigma2_t, log_prior, ch.sigma_offset_px, o.sigma_ang, bps, allowed,
+                                   o.adaptive_fraction, o.max_significant, half=half)
             out.offsets_px[sl] = ch.offsets_px[sl] + r.best_translation
             out.angles[sl] = np.stack(matrix_to_euler(r.best_rotation.astype(np.float64)), 1)
         else:

@@ -50,6 +50,7 @@ def add_args(p) -> None:
 
     p.add_argument("--i", required=True, help="map (.mrc) to make the mask from")
     add_job_output(p, "job directory (mask.mrc)")
+    p.add_argument("--quiet", action="store_true", help="warnings only on the terminal (run.log has everything)")
     p.add_argument("--lowpass", type=float, default=15.0, help="low-pass the map to this resolution (Å) first "
                    "(default 15; 0: not)")
     p.add_argument("--ini-threshold", type=float, required=True,

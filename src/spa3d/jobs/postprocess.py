@@ -119,6 +119,7 @@ def add_args(p) -> None:
     p.add_argument("--i", required=True, help="first unfiltered half map (run_half1_class001_unfil.mrc)")
     p.add_argument("--i2", default=None, help="second half map (default: --i with half1 replaced by half2)")
     add_job_output(p, "job directory")
+    p.add_argument("--quiet", action="store_true", help="warnings only on the terminal (run.log has everything)")
     p.add_argument("--mask", default=None, help="solvent mask (.mrc, 0..1), e.g. from spa3d mask")
     p.add_argument("--angpix", type=float, default=None, help="pixel size in Å (default: the maps' header)")
     p.add_argument("--autob-lowres", type=float, default=10.0,

@@ -92,6 +92,7 @@ class Refine3dOptions:
     zero_mask: bool = False
     flatten_solvent: bool = False
     solvent_mask: str | None = None  # reference mask (MRC, 0..1) applied to the half maps every iteration
+    rescale_ref: bool = False  # bring a reference of another pixel size or box to the particles'
     ctf: bool = False
     ctf_intact_first_peak: bool = False
     ctf_phase_flipped: bool = False
@@ -364,7 +365,7 @@ def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster
     if st is None:
         if ref is None:
             raise InputError(None, "--ref map.mrc is required")
-        vol = load_reference(ref, ps, o.ini_high)
+        vol = load_reference(ref, ps, o.ini_high, o.rescale_ref)
         maps = np.stack([vol, vol]).astype(np.float32)
         rng = np.random.default_rng(o.seed)
         r0 = min(n // 2 - 1, n * apix / o.ini_high) if o.ini_high and o.ini_high > 0 else n // 2 - 1
@@ -648,7 +649,8 @@ DESCRIPTION = ("Gold-standard 3D auto-refinement (RELION's Refine3D): two indepe
 CLI_OPTIONS = {"angular_sampling": "healpix_order", "healpix_order": "healpix_order", "offset_range": "offset_range",
                "offset_step": "offset_step", "auto_local_healpix_order": "auto_local_healpix_order",
                "ini_high": "ini_high", "particle_diameter": "particle_diameter", "zero_mask": "zero_mask",
-               "flatten_solvent": "flatten_solvent", "solvent_mask": "solvent_mask", "ctf": "ctf",
+               "flatten_solvent": "flatten_solvent", "solvent_mask": "solvent_mask", "rescale_ref": "rescale_ref",
+               "ctf": "ctf",
                "ctf_intact_first_peak": "ctf_intact_first_peak", "ctf_phase_flipped": "ctf_phase_flipped",
                "firstiter_cc": "firstiter_cc", "sym": "symmetry", "tau2_fudge": "tau2_fudge",
                "max_iter": "max_iter", "batch_size": "batch_size", "seed": "seed", "device": "device",
@@ -674,6 +676,8 @@ def add_args(p) -> None:
     p.add_argument("--zero-mask", action="store_true", help="zeros outside the mask (default: noise)")
     p.add_argument("--flatten-solvent", action="store_true", help="mask the half maps with the particle sphere")
     p.add_argument("--solvent-mask", default=None, help="reference mask (.mrc, 0..1) applied to the half maps")
+    p.add_argument("--rescale-ref", action="store_true", help="resample a reference of another pixel size and cut "
+                   "or pad it to the particles' box (as relion_image_handler --rescale_angpix --new_box)")
     p.add_argument("--ctf", action="store_true", help="CTF correction")
     p.add_argument("--ctf-intact-first-peak", action="store_true")
     p.add_argument("--ctf-phase-flipped", action="store_true")
@@ -697,7 +701,8 @@ def main(a) -> None:
     o = Refine3dOptions(healpix_order=order, offset_range=a.offset_range, offset_step=a.offset_step,
                         auto_local_healpix_order=a.auto_local_healpix_order, ini_high=a.ini_high,
                         particle_diameter=a.particle_diameter, zero_mask=a.zero_mask,
-                        flatten_solvent=a.flatten_solvent, solvent_mask=a.solvent_mask, ctf=a.ctf,
+                        flatten_solvent=a.flatten_solvent, solvent_mask=a.solvent_mask, rescale_ref=a.rescale_ref,
+                        ctf=a.ctf,
                         ctf_intact_first_peak=a.ctf_intact_first_peak, ctf_phase_flipped=a.ctf_phase_flipped,
                         firstiter_cc=a.firstiter_cc, symmetry=a.sym, tau2_fudge=a.tau2_fudge, max_iter=a.max_iter,
                         batch_size=a.batch_size, seed=a.seed, device=a.device, threads=a.threads,

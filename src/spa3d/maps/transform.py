@@ -81,3 +81,28 @@ def fourier_resample(vol, new_size: int) -> np.ndarray:
     out[b:b + m, b:b + m, b:b + m] = ft[a:a + m, a:a + m, a:a + m]
     res = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(out))).real * (new_size / n) ** 3
     return res.astype(np.float32)
+
+
+def window(vol, new_box: int) -> np.ndarray:
+    """The map cut or zero-padded to ``new_box`` voxels per axis about the box centre (voxel n//2 stays the centre)."""
+    v = np.asarray(vol, dtype=np.float32)
+    n = v.shape[0]
+    out = np.zeros((new_box,) * 3, dtype=np.float32)
+    m = min(n, new_box)
+    a, b = n // 2 - m // 2, new_box // 2 - m // 2
+    out[b:b + m, b:b + m, b:b + m] = v[a:a + m, a:a + m, a:a + m]
+    return out
+
+
+def rescale_map(vol, pixel_size: float, new_pixel_size: float, new_box: int) -> tuple[np.ndarray, float]:
+    """A map at another pixel size and box, as ``relion_image_handler --angpix --rescale_angpix --new_box``.
+
+    The map is resampled in Fourier space to round(n·pixel/new_pixel) voxels,
+    made even (so the pixel becomes n·pixel over that, within a few percent of
+    ``new_pixel_size``, as RELION's), then cut or padded to ``new_box``. Returns (map, pixel size in Å).
+    """
+    n = np.asarray(vol).shape[0]
+    m = int(round(n * pixel_size / new_pixel_size))
+    m -= m % 2  # even, as relion_image_handler makes it
+    v = fourier_resample(vol, m) if m != n else np.asarray(vol, dtype=np.float32)
+    return window(v, new_box), n * pixel_size / m
