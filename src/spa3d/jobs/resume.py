@@ -165,13 +165,13 @@ def last_complete_iteration(job_dir: str | os.PathLike) -> Path:
 
 
 def state_file(optimiser: str | os.PathLike) -> Path | None:
-    """The spa3d state file an optimiser.star names (class3d's or the SGD's), or None."""
+    """The spa3d state file an optimiser.star names (class3d's, refine3d's or the SGD's), or None."""
     from spa3d.io.star import read_star
 
     gen = read_star(optimiser).get("optimiser_general")
     if gen is None:
         return None
-    for label in ("rlnClass3dStateFile", "rlnSgdStateFile"):
+    for label in ("rlnClass3dStateFile", "rlnRefine3dStateFile", "rlnSgdStateFile"):
         if label in gen:
             p = Path(str(gen[label].iloc[0]))
             # the state file sits beside the optimiser.star (the job directory may have been moved)
