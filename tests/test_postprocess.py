@@ -71,6 +71,30 @@ def test_postprocess_matches_relion_postprocess(half_maps, relion, tmp_path):
                                np.asarray(theirs["guinier"]["rlnLogAmplitudesOriginal"], float)[1:], atol=1e-3)
     sharp = read_map(out / "postprocess.mrc")[0]
     assert sharp.shape == (n, n, n) and np.isfinite(sharp).all() and (out / "postprocess_masked.mrc").exists()
+    _check_report_in_chromium(out)
+
+
+def _check_report_in_chromium(job):
+    """The job's report.html in headless Chromium (software WebGL): its images load and its 3D views (NGL,
+    bundled beside the page: works offline) load the maps and draw their isosurfaces without an error."""
+    import os
+    import re
+
+    from test_project import _chromium
+
+    page = job / "report.html"
+    assert (job / "report" / "ngl.js").exists()
+    res = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader",
+                          "--enable-unsafe-swiftshader", "--virtual-time-budget=20000", "--dump-dom",
+                          page.resolve().as_uri()], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "HOME": str(job)})
+    dom = res.stdout
+    m = re.search(r'id="spa3d-image-status" data-loaded="(\d+)" data-total="(\d+)"', dom)
+    assert m and int(m.group(1)) == int(m.group(2)) >= 2, "report images did not load"
+    v = re.search(r'id="spa3d-viewer-status" data-ready="(\d+)" data-total="(\d+)" data-errors="(\d+)"', dom)
+    assert v, "the 3D views' script did not run"
+    assert int(v.group(1)) == int(v.group(2)) == 2 and int(v.group(3)) == 0, v.group(0)
+    assert "<canvas" in dom
 
 
 def test_phase_randomisation_removes_the_mask_correlation(half_maps):

@@ -15,7 +15,10 @@ What a job directory holds decides what the report shows:
 - post-processing (postprocess.star): the unmasked, masked,
   phase-randomised and corrected FSC curves and the Guinier plot;
 - particle jobs (particles.star: select, extract, simulate): counts, optics,
-  and a gallery of the first particles.
+  and a gallery of the first particles;
+- every report with maps: interactive 3D views of up to four of them (NGL
+  Viewer, vendored in report/vendor/ and copied beside the page so that it
+  works offline): isosurface with a threshold slider, rotate and zoom.
 """
 
 from __future__ import annotations
@@ -98,6 +101,79 @@ window.addEventListener('load', function () {
   el.setAttribute('data-loaded', ok); el.setAttribute('data-total', imgs.length);
 });
 </script>"""
+
+
+_VIEWER_STATUS = """<p id="spa3d-viewer-status"></p><script>
+window.spa3dViewers = {ready: 0, total: 0, errors: []};
+function spa3dViewerDone(ok, msg) {
+  var v = window.spa3dViewers, el = document.getElementById('spa3d-viewer-status');
+  if (ok) { v.ready += 1; } else { v.errors.push(msg); }
+  el.setAttribute('data-ready', v.ready); el.setAttribute('data-total', v.total);
+  el.setAttribute('data-errors', v.errors.length);
+  el.textContent = v.ready + ' of ' + v.total + ' 3D views ready' + (v.errors.length ? ' (' + v.errors.join('; ') + ')' : '');
+}
+</script>"""
+
+#: maps larger than this are Fourier-cropped for the 3D view (the view is for looking, not measuring)
+VIEWER_MAX_BOX = 96
+
+
+def _viewer(vol: np.ndarray, pixel_size: float, label: str, index: int, out: Path) -> str:
+    """An interactive 3D view (NGL: isosurface, threshold slider, rotate and zoom) of a map, embedded as MRC."""
+    import json
+
+    import mrcfile
+
+    from spa3d.report.figures import iso_level
+
+    v = np.asarray(vol, dtype=np.float32)
+    if v.shape[0] > VIEWER_MAX_BOX:
+        from spa3d.maps.transform import fourier_resample
+
+        pixel_size = pixel_size * v.shape[0] / VIEWER_MAX_BOX
+        v = fourier_resample(v, VIEWER_MAX_BOX)
+    tmp = out / f".viewer_{index}.mrc"
+    with mrcfile.new(tmp, overwrite=True) as m:
+        m.set_data(v)
+        m.voxel_size = pixel_size
+    data = base64.b64encode(tmp.read_bytes()).decode()
+    tmp.unlink()
+    level = float(iso_level(v))
+    lo, hi = float(np.percentile(v, 50)), float(v.max())
+    vid = f"spa3d-view-{index}"
+    return f"""<figure><div id="{vid}" style="width:460px;height:380px;border:1px solid #ccc"></div>
+<figcaption>{html.escape(label)}: 3D view (drag to rotate, scroll to zoom); threshold
+<input type="range" id="{vid}-level" min="{lo:.6g}" max="{hi:.6g}" step="{(hi - lo) / 200:.6g}" value="{level:.6g}">
+<span id="{vid}-value">{level:.4g}</span></figcaption></figure>
+<script>(function () {{
+  window.spa3dViewers.total += 1;
+  try {{
+    var stage = new NGL.Stage({json.dumps(vid)}, {{backgroundColor: 'white'}});
+    var bytes = Uint8Array.from(atob({json.dumps(data)}), function (c) {{ return c.charCodeAt(0); }});
+    stage.loadFile(new Blob([bytes]), {{ext: 'mrc', name: {json.dumps(label)}}}).then(function (comp) {{
+      var surf = comp.addRepresentation('surface', {{isolevelType: 'value', isolevel: {level:.6g}, color: '#d9b35a',
+                                                     useWorker: false}});
+      comp.autoView();
+      var slider = document.getElementById({json.dumps(vid + "-level")});
+      slider.addEventListener('input', function () {{
+        surf.setParameters({{isolevel: parseFloat(slider.value)}});
+        document.getElementById({json.dumps(vid + "-value")}).textContent = parseFloat(slider.value).toPrecision(4);
+      }});
+      spa3dViewerDone(true);
+    }}).catch(function (e) {{ spa3dViewerDone(false, String(e)); }});
+  }} catch (e) {{ spa3dViewerDone(false, String(e)); }}
+}})();</script>"""
+
+
+def _viewer_section(maps: list[tuple[np.ndarray, float, str]], out: Path) -> str:
+    """The 3D views of up to 4 maps (label, pixel size), with NGL copied beside the report (report/ngl.js)."""
+    import shutil
+
+    if not maps:
+        return ""
+    shutil.copyfile(Path(__file__).parent / "vendor" / "ngl.js", out / "ngl.js")
+    views = "".join(_viewer(v, apix, label, i, out) for i, (v, apix, label) in enumerate(maps[:4]))
+    return (f"<h2>3D views</h2><script src='{out.name}/ngl.js'></script>{_VIEWER_STATUS}{views}")
 
 
 def _table(df) -> str:
@@ -183,6 +259,7 @@ def make_report(job_dir: str | Path, truth: str | Path | None = None) -> Path:
 
     its = _iterations(job)
     shown_maps: set[str] = set()
+    viewable: list = []  # (map, pixel size, name) for the 3D views
     if its:
         last = its[-1]
         hist = _history(job, its)
@@ -192,9 +269,11 @@ def make_report(job_dir: str | Path, truth: str | Path | None = None) -> Path:
         maps, labels = [], []
         for p in sorted(job.glob(f"run_it{last:03d}_class*.mrc")):
             if re.search(r"_class\d+\.mrc$", p.name):
-                maps.append(read_map(p)[0])
+                vol, apix_map = read_map(p)
+                maps.append(vol)
                 labels.append(p.stem)
                 shown_maps.add(p.name)
+                viewable.append((vol, apix_map, p.name))
         if maps:
             model = read_star(job / f"run_it{last:03d}_model.star").get("model_classes")
             if model is not None:
@@ -233,10 +312,15 @@ def make_report(job_dir: str | Path, truth: str | Path | None = None) -> Path:
     if others:
         parts.append("<h2>Maps</h2>")
         for p in others:
-            vol = read_map(p)[0]
+            vol, apix_map = read_map(p)
+            viewable.append((vol, apix_map, p.name))
             parts.append(_img(fg.slices_and_projections(vol, out / f"{p.stem}_views.png", p.name),
                               f"{p.name}: central slices and projections"))
             parts.append(_img(fg.isosurface(vol, out / f"{p.stem}_iso.png", title=p.name), f"{p.name}: isosurface"))
+
+    # the job's main maps first: refined / post-processed maps before masks and half maps
+    viewable.sort(key=lambda m: ("mask" in m[2], "half" in m[2]))
+    parts.append(_viewer_section(viewable, out))
 
     star = job / "particles.star"
     if star.exists():
