@@ -608,7 +608,73 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
             cluster.close()
 
 
+@dataclass
+class _RunSetup:
+    """What stays fixed over a classification run (set up once by :func:`_set_up`)."""
+
+    job: Path
+    ps: ParticleSet
+    device: torch.device
+    diameter: float  # Å
+    radius_px: float
+    mask3d: np.ndarray
+    ops: np.ndarray  # the point group's rotations
+    groups: np.ndarray  # 0-based group of every particle
+    n_groups: int
+    halves: np.ndarray  # random half set of every particle
+    batch_size: int
+    n_warm: int  # iterations searched one order coarser first
+    cluster: object
+
+
+@dataclass
+class _IterationPlan:
+    """What one iteration searches: radius, sampling order, the particles visited and their allowed classes."""
+
+    it: int
+    r_cur: float  # E-step radius, cycles per box
+    order: int
+    r_coarse: float
+    hard: bool  # scored by cross-correlation (--firstiter-cc, iteration 1)
+    allowed: np.ndarray  # class each particle may take (-1: any)
+    todo: np.ndarray  # the particles visited (sorted indices)
+
+
 def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
+    """The EM loop as phases: set-up, then per iteration plan → E-step → M-step → write → report."""
+    run, maps, st, rng = _set_up(star, ref, job_dir, o, continue_from, cluster)
+    if o.estimate or o.dry_run:
+        est = _estimate(run.ps, maps, st, o, run.batch_size, run.device, run.n_warm, run.diameter, run.radius_px,
+                        run.groups, run.n_groups)
+        for line in est.lines():
+            log.info(line)
+        if o.dry_run:
+            return maps, st
+    start = time.perf_counter()
+    first_it = st.iteration
+    rate = EStepRate()
+    # radius (cycles per box) up to which the current maps hold data: the initial low-pass, then the E-step radius
+    map_radius = st.r_current if st.iteration == 0 else st.map_radius
+    while st.iteration < o.n_iter:
+        t_it = time.perf_counter()
+        plan = _plan_iteration(run, o, st, rng)
+        t_estep = time.perf_counter()
+        res = _e_step(run, o, maps, st, plan)
+        rate.add(res.flops, time.perf_counter() - t_estep, res.poses, len(plan.todo))
+        maps, info = _m_step(run, o, maps, st, plan, res, map_radius)
+        map_radius = st.map_radius = plan.r_cur
+        st.iteration = plan.it
+        st.rng_state = rng.bit_generator.state
+        _write_iteration(run.job, run.ps, maps, st, o, info)
+        _log_iteration(run, o, st, plan, info, rate, start, first_it, t_it)
+    if rate.particles:
+        log.info(rate.summary())
+    log.info(f"done in {time.perf_counter() - start:.1f} s: {run.job / f'run_it{st.iteration:03d}_model.star'}")
+    return maps, st
+
+
+def _set_up(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
+    """Check the input, start (or continue) the run: (set-up, class maps, state, random generator)."""
     job = Path(job_dir)
     if not o.dry_run:
         ensure_writable_dir(job)
@@ -647,8 +713,6 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
         diameter = n * apix
     radius_px = diameter / (2 * apix)
     mask2d = _image_mask(n, radius_px)
-    mask3d = soft_sphere(n, radius_px, 5.0)
-    ops = symmetry_matrices(o.symmetry)
     groups = _groups(ps)
     n_groups = int(groups.max()) + 1
     if not continue_from:
@@ -666,172 +730,171 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
         raise InputError(star, "--skip-align needs rlnAngleRot/Tilt/Psi in the particles")
     if o.sigma_ang > 0 and "rlnAngleRot" not in ps.table.particles and st.iteration == 0:
         raise InputError(star, "--sigma-ang (local searches) needs rlnAngleRot/Tilt/Psi in the particles")
-    k_cls = o.n_classes
-
     coarse_t, fine_t = oversampled_translations(o.offset_range, o.offset_step)
-
     n_warm = warmup_iterations(o)
     n_coarse_max = len(oversampled_orientations(o.healpix_order, o.symmetry)[0]) * len(coarse_t)
-    bs = _batch_size(o, k_cls, n_coarse_max, device)
+    bs = _batch_size(o, o.n_classes, n_coarse_max, device)
     if cluster is not None and not o.batch_size:
         # several batches per worker, so that the chunks balance (give --batch-size to match an in-process run)
         bs = int(min(bs, max(8, np.ceil(n_part / (4 * cluster.n_chunks)))))
     # recorded with the run: a resumed run cuts the same batches (and so draws the same random numbers)
     o.batch_size = bs
-    log.info(f"class3d: {n_part} particles, box {n}, {apix:.3f} Å/px, K={k_cls}, T={o.tau2_fudge}, "
+    log.info(f"class3d: {n_part} particles, box {n}, {apix:.3f} Å/px, K={o.n_classes}, T={o.tau2_fudge}, "
              f"{o.n_iter} iterations; search {angular_step(o.healpix_order + 1):.1f}° "
              f"(the first {n_warm} at {angular_step(o.healpix_order):.1f}°), {len(coarse_t)} -> {len(fine_t)} "
              f"translations, batches of {bs}, device {device}")
-    if o.estimate or o.dry_run:
-        est = _estimate(ps, maps, st, o, bs, device, n_warm, diameter, radius_px, groups, n_groups)
-        for line in est.lines():
-            log.info(line)
-        if o.dry_run:
-            return maps, st
-    start = time.perf_counter()
-    first_it = st.iteration
-    rate = EStepRate()
-    halves = random_halves(ps, o.seed)
-    # radius (cycles per box) up to which the current maps hold data: the initial low-pass, then the E-step radius
-    map_radius = st.r_current if st.iteration == 0 else st.map_radius
-    while st.iteration < o.n_iter:
-        t_it = time.perf_counter()
-        it = st.iteration + 1
-        r_cur = float(min(n // 2 - 1, st.r_current))
-        if o.strict_highres_exp > 0:
-            r_cur = min(r_cur, n * apix / o.strict_highres_exp)
-        order = o.healpix_order - 1 if it <= n_warm else o.healpix_order
-        r_coarse_cap = o.coarse_radius_px or coarse_radius(order, diameter, n, apix)
-        hard = bool(o.firstiter_cc and it == 1)
-        allowed = rng.integers(0, k_cls, size=n_part) if (it == 1 and k_cls > 1) else np.full(n_part, -1)
-        todo = iteration_subset(o, it, n_part, rng)
-        n_used = len(todo)
-        prog = Progress(n_used, label=f"iteration {it}/{o.n_iter}: ")
-        scale_all = st.group_scale[groups]
+    run = _RunSetup(job, ps, device, diameter, radius_px, soft_sphere(n, radius_px, 5.0),
+                    symmetry_matrices(o.symmetry), groups, n_groups, random_halves(ps, o.seed), bs, n_warm, cluster)
+    return run, maps, st, rng
 
-        def chunk(sel: np.ndarray, first_batch: int, dev: str, threads=None) -> EStepChunk:
-            return EStepChunk(str(ps.star_path), str(ps.project_dir), sel, first_batch, bs, it, o.seed, maps,
-                              st.sigma2, st.class_fractions, st.sigma_offset_px, st.offsets_px[sel], st.angles[sel],
-                              scale_all[sel], groups[sel], n_groups, allowed[sel], halves[sel], o, order, r_cur,
-                              r_coarse_cap, hard,
-                              radius_px, dev, threads)
 
-        t_estep = time.perf_counter()
-        res_all = run_estep(todo, bs, chunk, device, cluster, prog)
-        rate.add(res_all.flops, time.perf_counter() - t_estep, res_all.poses, n_used)
-        bps = [BackProjector(n, r_max=r_cur, device=device) for _ in range(k_cls)]
-        for k, bp in enumerate(bps):
-            bp.acc = res_all.acc[k].to(device) + res_all.acc[k_cls + k].to(device)
-        # particles outside this iteration's subset (--fast-subsets) keep what they had
-        new_off = st.offsets_px.copy()
-        new_ang = st.angles.copy()
-        new_cls = st.classes.copy()
-        pmax = np.array(st.stats.get("pmax", np.zeros(n_part)), dtype=float)
-        n_sig = np.array(st.stats.get("n_significant", np.zeros(n_part)), dtype=int)
-        loglik = np.array(st.stats.get("log_likelihood", np.zeros(n_part)), dtype=float)
-        rot_spread = np.zeros(n_part)
-        trans_spread = np.zeros(n_part)
-        idx = res_all.indices
-        new_off[idx], new_ang[idx], new_cls[idx] = res_all.offsets_px, res_all.angles, res_all.classes
-        pmax[idx], n_sig[idx], loglik[idx] = res_all.pmax, res_all.n_significant, res_all.log_likelihood
-        rot_spread[idx], trans_spread[idx] = res_all.rot_spread, res_all.trans_spread
-        class_post_sum, pix_shell = res_all.class_post_sum, res_all.pix_shell
-        xa_g, aa_g, off_sq = res_all.xa_g, res_all.aa_g, res_all.off_sq
+def _plan_iteration(run: _RunSetup, o: Class3dOptions, st: Class3dState, rng: np.random.Generator) -> _IterationPlan:
+    """The next iteration's radius, sampling, particles and (in iteration 1, K > 1) random class assignment."""
+    n, apix, n_part = run.ps.box, run.ps.pixel_size, len(run.ps)
+    it = st.iteration + 1
+    r_cur = float(min(n // 2 - 1, st.r_current))
+    if o.strict_highres_exp > 0:
+        r_cur = min(r_cur, n * apix / o.strict_highres_exp)
+    order = o.healpix_order - 1 if it <= run.n_warm else o.healpix_order
+    r_coarse = o.coarse_radius_px or coarse_radius(order, run.diameter, n, apix)
+    hard = bool(o.firstiter_cc and it == 1)
+    allowed = rng.integers(0, o.n_classes, size=n_part) if (it == 1 and o.n_classes > 1) else np.full(n_part, -1)
+    todo = iteration_subset(o, it, n_part, rng)
+    return _IterationPlan(it, r_cur, order, r_coarse, hard, allowed, todo)
 
-        # ---- M-step ----
-        if hard:
-            # the reference was on an arbitrary greyscale: bring it to the data's
-            s_ref = float(xa_g.sum() / max(aa_g.sum(), 1e-30))
-            maps = maps * s_ref
-            log.info(f"first iteration by cross-correlation; reference greyscale × {s_ref:.4g}")
-        elif n_groups > 1:
-            scale = st.group_scale * xa_g / np.maximum(aa_g, 1e-30)
-            st.group_scale = scale / scale.mean()
-        # the noise power: posterior-weighted residuals (as RELION), after a cross-correlation iteration against
-        # the reference on the data's greyscale (RELION keeps the initial σ² then: a deliberate difference)
-        res_shell = residual_power(res_all.res_terms, s_ref if hard else 1.0)
-        upd = pix_shell > 0
-        st.sigma2[upd] = res_shell[upd] / pix_shell[upd]
-        st.class_fractions = class_post_sum / class_post_sum.sum()
-        if not o.skip_align:
-            st.sigma_offset_px = float(np.sqrt(off_sq / (2 * n_used)))
-        new_maps = np.empty_like(maps)
-        info = {"resolution": np.zeros(k_cls), "completeness": np.zeros(k_cls), "ssnr": [], "tau2": [], "fsc": [],
-                "shell_completeness": [], "accuracy_rot": np.zeros(k_cls), "accuracy_trans": np.zeros(k_cls)}
-        best_shell = best_reported = 0.0
-        nsh = n // 2 + 1
-        for k in range(k_cls):
-            # the resolution: FSC of the class's two random half sets (0.143), measured every iteration
-            fsc_k = _class_fsc(res_all.acc[k], res_all.acc[k_cls + k], n, r_cur, ops, device)
-            info["fsc"].append(fsc_k)
-            tau2 = o.tau2_fudge * power_spectrum(maps[k]) / np.maximum(st.sigma2, 1e-30)
-            # the map holds data only up to the radius it was reconstructed at: no prior power beyond (those
-            # shells are reconstructed without a prior: a deliberate difference, see docs/conventions.md)
-            tau2[np.arange(nsh) > map_radius] = 0.0
-            ssnr, wvox, shell = _spectral_snr(bps[k], ops, tau2)
-            # where there is no prior, the SSNR the half sets measure, 2·FSC/(1 − FSC)
-            fsc_ssnr = 2 * np.clip(fsc_k, 0, 0.999) / (1 - np.clip(fsc_k, 0, 0.999))
-            ssnr = np.where(tau2 > 0, ssnr, fsc_ssnr)
-            info["ssnr"].append(ssnr)
-            info["tau2"].append(tau2)
-            if class_post_sum[k] < 0.5:
-                log.info(f"class {k + 1} is empty; its map is kept")
-                new_maps[k] = maps[k]
-                info["shell_completeness"].append(np.zeros(nsh))
-                info["resolution"][k] = 999.0
-                continue
-            vol = bps[k].reconstruct(symmetry_ops=ops, tau2=tau2, unregularised_where_tau2_zero=True).cpu().numpy()
-            if not np.all(np.isfinite(vol)):
-                log.warning(f"class {k + 1}: the reconstruction is not finite; its map is kept")
-                vol = maps[k]
-            if o.flatten_solvent:
-                vol = vol * mask3d
-            new_maps[k] = vol
-            # reported: where the half sets' FSC falls below 0.5 (they share the reference, so their FSC is
-            # optimistic; see FSC_REPORTED); the next E-step reaches incr_size shells beyond its 0.143 shell
-            idx_res = resolution_shell(fsc_k, FSC_REPORTED)
-            best_reported = max(best_reported, idx_res)
-            best_shell = max(best_shell, resolution_shell(fsc_k, FSC_THRESHOLD))
-            info["resolution"][k] = n * apix / idx_res if idx_res >= 1 else 999.0
-            good = (wvox >= 1) & (shell < nsh)
-            cnt = torch.zeros(nsh, dtype=torch.float64, device=wvox.device).index_add_(
-                0, shell[shell < nsh], torch.ones_like(wvox[shell < nsh]))
-            gcnt = torch.zeros(nsh, dtype=torch.float64, device=wvox.device).index_add_(
-                0, shell[good], torch.ones_like(wvox[good]))
-            comp = (gcnt / cnt.clamp_min(1)).cpu().numpy()
-            info["shell_completeness"].append(comp)
-            lim = int(max(idx_res, 1))
-            info["completeness"][k] = float(gcnt[: lim + 1].sum() / cnt[: lim + 1].sum().clamp_min(1))
-            mine = new_cls == k + 1
-            if mine.any():
-                info["accuracy_rot"][k] = float(rot_spread[mine].mean())
-                info["accuracy_trans"][k] = float(trans_spread[mine].mean() * apix)
-        maps = new_maps
-        map_radius = st.map_radius = r_cur
-        # as RELION: the resolution of this iteration (the best class's, at least MIN_RESOLUTION_SHELLS), which
-        # may fall; the next E-step reaches incr_size shells beyond it, one shell inside Nyquist (the corner
-        # shell n/2 holds only part of a ring)
-        st.best_resolution_shell = max(best_reported, float(MIN_RESOLUTION_SHELLS))
-        st.r_current = float(min(n // 2 - 1, max(best_shell, float(MIN_RESOLUTION_SHELLS)) + o.incr_size))
-        st.offsets_px, st.angles, st.classes = new_off, new_ang, new_cls
-        st.stats = {"pmax": pmax, "n_significant": n_sig, "log_likelihood": loglik}
-        info["log_likelihood"] = float(loglik.sum())
-        info["average_pmax"] = float(pmax.mean())
-        st.iteration = it
-        st.rng_state = rng.bit_generator.state
-        _write_iteration(job, ps, maps, st, o, info)
-        done = it - first_it
-        elapsed = time.perf_counter() - start
-        left = elapsed / done * (o.n_iter - it)
-        fr = " ".join(f"{f:.2f}" for f in st.class_fractions)
-        res = " ".join(f"{r:.1f}" for r in info["resolution"])
-        log.info(f"iteration {it}/{o.n_iter}: E-step radius {r_cur:.1f} px, classes {fr}, resolution {res} Å, "
-                 f"σ_offset {st.sigma_offset_px * apix:.2f} Å, <Pmax> {pmax.mean():.3f}, {rate.line()}, "
-                 f"{n_used / (time.perf_counter() - t_it):.0f} particles/s, {left:.0f} s left")
-    if rate.particles:
-        log.info(rate.summary())
-    log.info(f"done in {time.perf_counter() - start:.1f} s: {job / f'run_it{st.iteration:03d}_model.star'}")
-    return maps, st
+
+def _e_step(run: _RunSetup, o: Class3dOptions, maps: np.ndarray, st: Class3dState,
+            plan: _IterationPlan) -> EStepResult:
+    """The E-step of the plan's particles (in this process or on the Dask cluster) and the M-step sums."""
+    ps, bs = run.ps, run.batch_size
+    scale_all = st.group_scale[run.groups]
+
+    def chunk(sel: np.ndarray, first_batch: int, dev: str, threads=None) -> EStepChunk:
+        return EStepChunk(str(ps.star_path), str(ps.project_dir), sel, first_batch, bs, plan.it, o.seed, maps,
+                          st.sigma2, st.class_fractions, st.sigma_offset_px, st.offsets_px[sel], st.angles[sel],
+                          scale_all[sel], run.groups[sel], run.n_groups, plan.allowed[sel], run.halves[sel], o,
+                          plan.order, plan.r_cur, plan.r_coarse, plan.hard, run.radius_px, dev, threads)
+
+    prog = Progress(len(plan.todo), label=f"iteration {plan.it}/{o.n_iter}: ")
+    return run_estep(plan.todo, bs, chunk, run.device, run.cluster, prog)
+
+
+def _m_step(run: _RunSetup, o: Class3dOptions, maps: np.ndarray, st: Class3dState, plan: _IterationPlan,
+            res_all: EStepResult, map_radius: float) -> tuple[np.ndarray, dict]:
+    """The M-step: poses, σ², class fractions, offset prior, group scales and the class maps (updates ``st``).
+
+    Returns the new maps and the per-class values model.star reports (resolution from the half sets' FSC).
+    """
+    n, apix, n_part = run.ps.box, run.ps.pixel_size, len(run.ps)
+    k_cls, ops, device, r_cur = o.n_classes, run.ops, run.device, plan.r_cur
+    bps = [BackProjector(n, r_max=r_cur, device=device) for _ in range(k_cls)]
+    for k, bp in enumerate(bps):
+        bp.acc = res_all.acc[k].to(device) + res_all.acc[k_cls + k].to(device)
+    # particles outside this iteration's subset (--fast-subsets) keep what they had
+    new_off = st.offsets_px.copy()
+    new_ang = st.angles.copy()
+    new_cls = st.classes.copy()
+    pmax = np.array(st.stats.get("pmax", np.zeros(n_part)), dtype=float)
+    n_sig = np.array(st.stats.get("n_significant", np.zeros(n_part)), dtype=int)
+    loglik = np.array(st.stats.get("log_likelihood", np.zeros(n_part)), dtype=float)
+    rot_spread = np.zeros(n_part)
+    trans_spread = np.zeros(n_part)
+    idx = res_all.indices
+    new_off[idx], new_ang[idx], new_cls[idx] = res_all.offsets_px, res_all.angles, res_all.classes
+    pmax[idx], n_sig[idx], loglik[idx] = res_all.pmax, res_all.n_significant, res_all.log_likelihood
+    rot_spread[idx], trans_spread[idx] = res_all.rot_spread, res_all.trans_spread
+    class_post_sum, pix_shell = res_all.class_post_sum, res_all.pix_shell
+    xa_g, aa_g, off_sq = res_all.xa_g, res_all.aa_g, res_all.off_sq
+
+    if plan.hard:
+        # the reference was on an arbitrary greyscale: bring it to the data's
+        s_ref = float(xa_g.sum() / max(aa_g.sum(), 1e-30))
+        maps = maps * s_ref
+        log.info(f"first iteration by cross-correlation; reference greyscale × {s_ref:.4g}")
+    elif run.n_groups > 1:
+        scale = st.group_scale * xa_g / np.maximum(aa_g, 1e-30)
+        st.group_scale = scale / scale.mean()
+    # the noise power: posterior-weighted residuals (as RELION), after a cross-correlation iteration against
+    # the reference on the data's greyscale (RELION keeps the initial σ² then: a deliberate difference)
+    res_shell = residual_power(res_all.res_terms, s_ref if plan.hard else 1.0)
+    upd = pix_shell > 0
+    st.sigma2[upd] = res_shell[upd] / pix_shell[upd]
+    st.class_fractions = class_post_sum / class_post_sum.sum()
+    if not o.skip_align:
+        st.sigma_offset_px = float(np.sqrt(off_sq / (2 * len(plan.todo))))
+    new_maps = np.empty_like(maps)
+    info = {"resolution": np.zeros(k_cls), "completeness": np.zeros(k_cls), "ssnr": [], "tau2": [], "fsc": [],
+            "shell_completeness": [], "accuracy_rot": np.zeros(k_cls), "accuracy_trans": np.zeros(k_cls)}
+    best_shell = best_reported = 0.0
+    nsh = n // 2 + 1
+    for k in range(k_cls):
+        # the resolution: FSC of the class's two random half sets (0.143), measured every iteration
+        fsc_k = _class_fsc(res_all.acc[k], res_all.acc[k_cls + k], n, r_cur, ops, device)
+        info["fsc"].append(fsc_k)
+        tau2 = o.tau2_fudge * power_spectrum(maps[k]) / np.maximum(st.sigma2, 1e-30)
+        # the map holds data only up to the radius it was reconstructed at: no prior power beyond (those
+        # shells are reconstructed without a prior: a deliberate difference, see docs/conventions.md)
+        tau2[np.arange(nsh) > map_radius] = 0.0
+        ssnr, wvox, shell = _spectral_snr(bps[k], ops, tau2)
+        # where there is no prior, the SSNR the half sets measure, 2·FSC/(1 − FSC)
+        fsc_ssnr = 2 * np.clip(fsc_k, 0, 0.999) / (1 - np.clip(fsc_k, 0, 0.999))
+        ssnr = np.where(tau2 > 0, ssnr, fsc_ssnr)
+        info["ssnr"].append(ssnr)
+        info["tau2"].append(tau2)
+        if class_post_sum[k] < 0.5:
+            log.info(f"class {k + 1} is empty; its map is kept")
+            new_maps[k] = maps[k]
+            info["shell_completeness"].append(np.zeros(nsh))
+            info["resolution"][k] = 999.0
+            continue
+        vol = bps[k].reconstruct(symmetry_ops=ops, tau2=tau2, unregularised_where_tau2_zero=True).cpu().numpy()
+        if not np.all(np.isfinite(vol)):
+            log.warning(f"class {k + 1}: the reconstruction is not finite; its map is kept")
+            vol = maps[k]
+        if o.flatten_solvent:
+            vol = vol * run.mask3d
+        new_maps[k] = vol
+        # reported: where the half sets' FSC falls below 0.5 (they share the reference, so their FSC is
+        # optimistic; see FSC_REPORTED); the next E-step reaches incr_size shells beyond its 0.143 shell
+        idx_res = resolution_shell(fsc_k, FSC_REPORTED)
+        best_reported = max(best_reported, idx_res)
+        best_shell = max(best_shell, resolution_shell(fsc_k, FSC_THRESHOLD))
+        info["resolution"][k] = n * apix / idx_res if idx_res >= 1 else 999.0
+        good = (wvox >= 1) & (shell < nsh)
+        cnt = torch.zeros(nsh, dtype=torch.float64, device=wvox.device).index_add_(
+            0, shell[shell < nsh], torch.ones_like(wvox[shell < nsh]))
+        gcnt = torch.zeros(nsh, dtype=torch.float64, device=wvox.device).index_add_(
+            0, shell[good], torch.ones_like(wvox[good]))
+        comp = (gcnt / cnt.clamp_min(1)).cpu().numpy()
+        info["shell_completeness"].append(comp)
+        lim = int(max(idx_res, 1))
+        info["completeness"][k] = float(gcnt[: lim + 1].sum() / cnt[: lim + 1].sum().clamp_min(1))
+        mine = new_cls == k + 1
+        if mine.any():
+            info["accuracy_rot"][k] = float(rot_spread[mine].mean())
+            info["accuracy_trans"][k] = float(trans_spread[mine].mean() * apix)
+    # as RELION: the resolution of this iteration (the best class's, at least MIN_RESOLUTION_SHELLS), which
+    # may fall; the next E-step reaches incr_size shells beyond it, one shell inside Nyquist (the corner
+    # shell n/2 holds only part of a ring)
+    st.best_resolution_shell = max(best_reported, float(MIN_RESOLUTION_SHELLS))
+    st.r_current = float(min(n // 2 - 1, max(best_shell, float(MIN_RESOLUTION_SHELLS)) + o.incr_size))
+    st.offsets_px, st.angles, st.classes = new_off, new_ang, new_cls
+    st.stats = {"pmax": pmax, "n_significant": n_sig, "log_likelihood": loglik}
+    info["log_likelihood"] = float(loglik.sum())
+    info["average_pmax"] = float(pmax.mean())
+    return new_maps, info
+
+
+def _log_iteration(run: _RunSetup, o: Class3dOptions, st: Class3dState, plan: _IterationPlan, info: dict,
+                   rate: EStepRate, start: float, first_it: int, t_it: float) -> None:
+    """One line per iteration in run.log: radius, class fractions and resolutions, ⟨Pmax⟩, rate, time left."""
+    elapsed = time.perf_counter() - start
+    left = elapsed / (plan.it - first_it) * (o.n_iter - plan.it)
+    fr = " ".join(f"{f:.2f}" for f in st.class_fractions)
+    res = " ".join(f"{r:.1f}" for r in info["resolution"])
+    log.info(f"iteration {plan.it}/{o.n_iter}: E-step radius {plan.r_cur:.1f} px, classes {fr}, resolution {res} Å, "
+             f"σ_offset {st.sigma_offset_px * run.ps.pixel_size:.2f} Å, <Pmax> {info['average_pmax']:.3f}, "
+             f"{rate.line()}, {len(plan.todo) / (time.perf_counter() - t_it):.0f} particles/s, {left:.0f} s left")
 
 
 def _estimate(ps, maps, st, o: Class3dOptions, bs: int, device, n_warm: int, diameter: float, radius_px: float,
