@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from relion_data import d2_mixture, estep_rate_line, relion_mixture, sgemm_rate, timed
+from relion_data import d2_mixture, print_tail, relion_mixture, timed
 
 from spa3d.analysis.metrics import adjusted_rand_index
 
@@ -131,10 +131,7 @@ def main() -> None:
           "  class sizes")
     for prog, t, ari, r5, r1, rep, sizes in rows:
         print(f"{prog:<16} {t:9.1f} {ari:6.3f} {r5:11.2f} {r1:13.2f} {rep:13.2f}  {[int(x) for x in sizes]}")
-    if len(rows) == 2:
-        print(f"time ratio spa3d/RELION: {rows[0][1] / rows[1][1]:.3f}")
-    print(f"spa3d {estep_rate_line(out / 'run.log', sgemm_rate())}")
-    print(f"\nworking directory: {work}")
+    print_tail(rows, out / "run.log", work)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from relion_data import d2_tetramer, estep_rate_line, relion_particles, sgemm_rate, timed
+from relion_data import d2_tetramer, print_tail, relion_particles, timed
 
 from spa3d.fourier.filters import fsc, lowpass, resolution_at
 from spa3d.io.mrc import read_map, write_map
@@ -102,10 +102,7 @@ def main() -> None:
     print(f"{'program':<18} {'wall (s)':>9} {'iter':>5} {'reported (Å)':>13} {'FSC0.5 (Å)':>11} {'FSC0.143 (Å)':>13}")
     for prog, t, its, rep, r5, r1 in rows:
         print(f"{prog:<18} {t:9.1f} {its:5d} {rep:13.2f} {r5:11.2f} {r1:13.2f}")
-    if len(rows) == 2:
-        print(f"time ratio spa3d/RELION: {rows[0][1] / rows[1][1]:.3f}")
-    print(f"spa3d {estep_rate_line(out / 'run.log', sgemm_rate())}")
-    print(f"\nworking directory: {work}")
+    print_tail(rows, out / "run.log", work)
 
 
 if __name__ == "__main__":

@@ -191,3 +191,12 @@ def estep_rate_line(run_log: Path, sgemm_gflops: float) -> str:
     text = lines[-1].split(" E-step: ", 1)[1]
     rate = float(text.split(" = ", 1)[1].split(" GFLOP/s", 1)[0])
     return f"E-step: {text}; {100 * rate / sgemm_gflops:.0f}% of sgemm ({sgemm_gflops:.0f} GFLOP/s)"
+
+
+def print_tail(rows: list, run_log: Path, work: Path) -> None:
+    """The lines every benchmark ends with: the time ratio (first row spa3d, second RELION), spa3d's E-step rate
+    against the sgemm rate, and the working directory."""
+    if len(rows) == 2:
+        print(f"time ratio spa3d/RELION: {rows[0][1] / rows[1][1]:.3f}")
+    print(f"spa3d {estep_rate_line(run_log, sgemm_rate())}")
+    print(f"\nworking directory: {work}")

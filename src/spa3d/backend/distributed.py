@@ -15,6 +15,7 @@ import spa3d and read the particle stacks at the same paths.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 log = logging.getLogger("spa3d")
@@ -83,3 +84,15 @@ class DaskCluster:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextlib.contextmanager
+def cluster_for(o):
+    """The Dask cluster a job's options ask for (``o.workers`` local processes or ``o.dask_scheduler``), closed at
+    the end; None (run in this process) when they ask for none."""
+    cluster = DaskCluster(o.workers, o.dask_scheduler, o.threads or 1) if (o.workers or o.dask_scheduler) else None
+    try:
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.close()

@@ -35,7 +35,7 @@ from scipy.spatial.transform import Rotation
 
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.fourier.projector import Projector
-from spa3d.inference.likelihood import FourierPixels, residual_power
+from spa3d.inference.likelihood import FourierPixels
 from spa3d.inference.search import BatchResult, _pixel_weights
 
 
@@ -81,7 +81,7 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
     (B,) restricts an image to one class (-1 any). M-step sums go to
     ``backprojectors[k]`` (``[h·K + k]`` with ``half``), as the global search's.
     """
-    from spa3d.inference.search import SearchGrid, _fine_pass, significant_samples
+    from spa3d.inference.search import SearchGrid, _fine_pass, batch_outputs, batch_result, significant_samples
 
     dev = x_full.device
     b = x_full.shape[0]
@@ -137,22 +137,9 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
         ang = torch.rad2deg(torch.arccos(((tr - 1) / 2).clamp(-1, 1)))
         return -(ang**2) / (2 * sigma_ang**2)
 
-    out = {"bk": torch.zeros(b, dtype=torch.long, device=dev), "brot": torch.zeros((b, 3, 3), device=dev),
-           "btrans": torch.zeros((b, 2), device=dev), "pmax": torch.zeros(b, device=dev),
-           "loge": torch.zeros(b, device=dev), "class_post": torch.zeros((b, k_cls), device=dev),
-           "rot_spread": torch.zeros(b, device=dev), "trans_spread": torch.zeros(b, device=dev),
-           "xa": torch.zeros(b, device=dev), "aa": torch.zeros(b, device=dev)}
-    nsh = int(px_fine.shell.max()) + 1
-    sums = {"off_sq": 0.0, "flops": flops, "poses": float(b * k_cls * n_t * n_j),
-            "res_terms": torch.zeros((3, nsh), dtype=torch.float64, device=dev),
-            "pix_shell": torch.zeros(nsh, dtype=torch.float64, device=dev)}
+    out, sums = batch_outputs(b, k_cls, int(px_fine.shell.max()) + 1, dev)
+    sums["flops"], sums["poses"] = flops, float(b * k_cls * n_t * n_j)
     _fine_pass(img, flat_grid, b, torch.ones(b, dtype=torch.bool, device=dev), x_full, ctf_full, old_offsets, grid,
                projectors, px_fine, sigma2_shell, log_class_prior, k_cls, False, prior_t, prior_r, backprojectors,
                512, out, sums, False, half)
-    return BatchResult(out["bk"].cpu().numpy(), out["brot"].cpu().numpy(), out["btrans"].cpu().numpy(),
-                       out["pmax"].cpu().numpy(), n_sig_all.cpu().numpy(), out["loge"].cpu().numpy(),
-                       out["class_post"].cpu().numpy(), out["rot_spread"].sqrt().cpu().numpy(),
-                       out["trans_spread"].sqrt().cpu().numpy(), float(sums["off_sq"]),
-                       residual_power(sums["res_terms"]).cpu().numpy(), sums["pix_shell"].cpu().numpy(),
-                       out["xa"].cpu().numpy(), out["aa"].cpu().numpy(), sums["flops"], sums["poses"],
-                       sums["res_terms"].cpu().numpy())
+    return batch_result(out, sums, n_sig_all)

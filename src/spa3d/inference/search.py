@@ -206,15 +206,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
             broad = torch.zeros_like(broad)
         keep = ~broad[img]
         img, flat = img[keep], flat[keep]
-    out = {
-        "bk": torch.zeros(b, dtype=torch.long, device=dev), "brot": torch.zeros((b, 3, 3), device=dev),
-        "btrans": torch.zeros((b, 2), device=dev), "pmax": torch.zeros(b, device=dev),
-        "loge": torch.zeros(b, device=dev), "class_post": torch.zeros((b, k_cls), device=dev),
-        "rot_spread": torch.zeros(b, device=dev), "trans_spread": torch.zeros(b, device=dev),
-        "xa": torch.zeros(b, device=dev), "aa": torch.zeros(b, device=dev)}
-    nsh = int(px_fine.shell.max()) + 1
-    sums = {"off_sq": 0.0, "flops": 0.0, "poses": 0.0, "res_terms": torch.zeros((3, nsh), dtype=torch.float64, device=dev),
-            "pix_shell": torch.zeros(nsh, dtype=torch.float64, device=dev)}
+    out, sums = batch_outputs(b, k_cls, int(px_fine.shell.max()) + 1, dev)
     n_pc, n_tc, n_rc = xc.shape[1], grid.coarse_trans.shape[0], grid.coarse_rot.shape[0]
     sums["flops"] += k_cls * (2.0 * b * n_tc * 2 * n_pc * n_rc + 2.0 * b * n_pc * n_rc)  # cross and power GEMMs
     sums["poses"] += float(b * k_cls * n_tc * n_rc)
@@ -228,6 +220,23 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
         _fine_pass(img, flat, b, ~broad, x_full, ctf_full, old_offsets, grid, projectors, px_fine, sigma2_shell,
                    log_class_prior, k_cls, hard, prior_t, prior_r if local else None, backprojectors, pair_chunk,
                    out, sums, residual, half)
+    return batch_result(out, sums, n_sig)
+
+
+def batch_outputs(b: int, k_cls: int, nsh: int, dev) -> tuple[dict, dict]:
+    """Empty per-image outputs (B images, K classes) and batch sums (``nsh`` shells) that the fine pass fills."""
+    out = {"bk": torch.zeros(b, dtype=torch.long, device=dev), "brot": torch.zeros((b, 3, 3), device=dev),
+           "btrans": torch.zeros((b, 2), device=dev), "pmax": torch.zeros(b, device=dev),
+           "loge": torch.zeros(b, device=dev), "class_post": torch.zeros((b, k_cls), device=dev),
+           "rot_spread": torch.zeros(b, device=dev), "trans_spread": torch.zeros(b, device=dev),
+           "xa": torch.zeros(b, device=dev), "aa": torch.zeros(b, device=dev)}
+    sums = {"off_sq": 0.0, "flops": 0.0, "poses": 0.0, "res_terms": torch.zeros((3, nsh), dtype=torch.float64, device=dev),
+            "pix_shell": torch.zeros(nsh, dtype=torch.float64, device=dev)}
+    return out, sums
+
+
+def batch_result(out: dict, sums: dict, n_sig: torch.Tensor) -> BatchResult:
+    """The :class:`BatchResult` of a batch from the outputs and sums of :func:`batch_outputs`."""
     return BatchResult(out["bk"].cpu().numpy(), out["brot"].cpu().numpy(), out["btrans"].cpu().numpy(),
                        out["pmax"].cpu().numpy(), n_sig.cpu().numpy(), out["loge"].cpu().numpy(),
                        out["class_post"].cpu().numpy(), out["rot_spread"].sqrt().cpu().numpy(),

@@ -55,3 +55,45 @@ def start_log(a, logfile: str | Path | None = None) -> None:
     setup_logging(logfile, quiet=getattr(a, "quiet", False))
     if getattr(a, "command_line", None):
         logging.getLogger("spa3d").info(" ".join(a.command_line))
+
+
+def add_ml_options(p: argparse.ArgumentParser, ini_high: float, maps: str) -> None:
+    """The options 3D classification and refinement share (RELION's names): sampling, offsets, reference, masks,
+    CTF, symmetry; ``maps`` names what --flatten-solvent masks ("class maps", "half maps")."""
+    p.add_argument("--angular-sampling", type=float, default=7.5, help="(initial) angular sampling in degrees: 15, "
+                   "7.5, 3.7 (default 7.5)")
+    p.add_argument("--healpix-order", type=int, default=None,
+                   help="coarse HEALPix order (overrides --angular-sampling; 7.5° = 2)")
+    p.add_argument("--offset-range", type=float, default=5.0, help="offset search range in pixels (default 5)")
+    p.add_argument("--offset-step", type=float, default=1.0, help="offset search step in pixels (default 1)")
+    p.add_argument("--ini-high", type=float, default=ini_high,
+                   help=f"initial low-pass of the reference in Å (default {ini_high:g})")
+    p.add_argument("--particle-diameter", type=float, default=None, help="mask diameter in Å (default: the box)")
+    p.add_argument("--zero-mask", action="store_true", help="zeros outside the mask (default: noise)")
+    p.add_argument("--flatten-solvent", action="store_true", help=f"mask the {maps} with the particle sphere")
+    p.add_argument("--ctf", action="store_true", help="CTF correction")
+    p.add_argument("--ctf-intact-first-peak", action="store_true")
+    p.add_argument("--ctf-phase-flipped", action="store_true")
+    p.add_argument("--firstiter-cc", action="store_true",
+                   help="first iteration by cross-correlation (reference not on absolute greyscale)")
+    p.add_argument("--sym", default="C1", help="point group (default C1)")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Batch size, --dry-run/--seed/--continue/--quiet, device and Dask options of the iterative jobs."""
+    p.add_argument("--batch-size", type=int, default=None, help="particles per batch (default: from free memory)")
+    add_iterative(p)
+    add_device(p)
+    add_dask(p)
+
+
+def ml_option_values(a) -> dict:
+    """The values of :func:`add_ml_options` and :func:`add_run_options` as the options dataclasses name them."""
+    from spa3d.geometry.sampling import healpix_order_for_sampling
+
+    order = a.healpix_order if a.healpix_order is not None else healpix_order_for_sampling(a.angular_sampling)
+    return dict(healpix_order=order, offset_range=a.offset_range, offset_step=a.offset_step, ini_high=a.ini_high,
+                particle_diameter=a.particle_diameter, zero_mask=a.zero_mask, flatten_solvent=a.flatten_solvent,
+                ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak, ctf_phase_flipped=a.ctf_phase_flipped,
+                firstiter_cc=a.firstiter_cc, symmetry=a.sym, batch_size=a.batch_size, seed=a.seed, dry_run=a.dry_run,
+                device=a.device, threads=a.threads, workers=a.workers, dask_scheduler=a.dask_scheduler)

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spa3d.backend.device import free_memory_bytes, select_device
+from spa3d.backend.device import free_memory_bytes
 from spa3d.errors import InputError
 from spa3d.fourier.backprojector import BackProjector, half_map_fsc
 from spa3d.fourier.ctf import ctf_half_plane
@@ -54,13 +54,12 @@ from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels, residual_power, residual_power_terms
 from spa3d.inference.local_search import local_rotations, local_search_batch
 from spa3d.inference.search import SearchGrid, coarse_radius, make_search_grid, search_batch
-from spa3d.io.atomic_write import atomic_path, ensure_writable_dir
+from spa3d.io.atomic_write import atomic_path
 from spa3d.io.mrc import read_map, write_map
 from spa3d.io.particles import ParticleSet
-from spa3d.io.star import read_star, write_star
-from spa3d.jobs.progress import EStepRate, Progress, add_log_file
-from spa3d.jobs.resume import (IterationFiles, append_options_block, prepare_continue, remove_stale_staging,
-                               state_file)
+from spa3d.io.star import write_star
+from spa3d.jobs.progress import EStepRate, Progress
+from spa3d.jobs.resume import IterationFiles, append_options_block, load_continued, prepare_continue, start_job
 
 log = logging.getLogger("spa3d")
 
@@ -200,6 +199,16 @@ def _groups(ps: ParticleSet) -> np.ndarray:
         g = ps.column("rlnOpticsGroup", 1)
     _, inv = np.unique(np.asarray(g).astype(int), return_inverse=True)
     return inv
+
+
+def open_particles(star: str | None, ctf: bool) -> ParticleSet:
+    """The particles of a refinement or classification, checked: given, and with CTF columns when ``ctf``."""
+    if star is None:
+        raise InputError(None, "--i particles.star is required")
+    ps = ParticleSet(star)
+    if ctf and not ps.has_ctf():
+        raise InputError(star, "--ctf needs rlnDefocusU/V, rlnVoltage and rlnSphericalAberration")
+    return ps
 
 
 def load_reference(ref: str, ps: ParticleSet, ini_high: float | None, rescale: bool = False) -> np.ndarray:
@@ -596,16 +605,10 @@ def run_class3d(star: str | None, ref: str | None, job_dir: str, o: Class3dOptio
     o = dataclasses.replace(o)  # the run's own copy (it records e.g. the batch size it chose)
     if continue_from:
         continue_from, o, _ = prepare_continue(o, continue_from, job_dir, star, given, {"n_classes"})
-    cluster = None
-    if o.workers or o.dask_scheduler:
-        from spa3d.backend.distributed import DaskCluster
+    from spa3d.backend.distributed import cluster_for
 
-        cluster = DaskCluster(o.workers, o.dask_scheduler, o.threads or 1)
-    try:
+    with cluster_for(o) as cluster:
         return _run_class3d(star, ref, job_dir, o, continue_from, cluster)
-    finally:
-        if cluster is not None:
-            cluster.close()
 
 
 @dataclass
@@ -675,23 +678,13 @@ def _run_class3d(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
 
 def _set_up(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
     """Check the input, start (or continue) the run: (set-up, class maps, state, random generator)."""
-    job = Path(job_dir)
-    if not o.dry_run:
-        ensure_writable_dir(job)
-        add_log_file(job / "run.log")
-    device = select_device(o.device, o.threads)
     if o.n_classes < 1:
         raise InputError(None, "--K must be at least 1")
-    remove_stale_staging(job)
+    job, device = start_job(job_dir, o)
     if continue_from:
-        opt = read_star(continue_from)
-        gen = opt["optimiser_general"] if "optimiser_general" in opt else opt[next(iter(opt))]
-        sfile = state_file(continue_from)
-        if sfile is None or not sfile.exists():
-            raise InputError(continue_from, f"state file {sfile} not found")
-        st = _load_state(sfile)
+        st, first_star = load_continued(continue_from, _load_state, "rlnClass3dInputStarFile")
         # the particles as first given (their image paths are relative to that STAR's project)
-        star = star or str(gen["rlnClass3dInputStarFile"].iloc[0])
+        star = star or first_star
         src = Path(continue_from).parent
         maps = np.array([read_map(src / f"run_it{st.iteration:03d}_class{k + 1:03d}.mrc")[0]
                          for k in range(len(st.class_fractions))])
@@ -700,11 +693,7 @@ def _set_up(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
         rng = np.random.default_rng()
         rng.bit_generator.state = st.rng_state
         log.info(f"class3d: continuing from iteration {st.iteration} ({continue_from})")
-    if star is None:
-        raise InputError(None, "--i particles.star is required")
-    ps = ParticleSet(star)
-    if o.ctf and not ps.has_ctf():
-        raise InputError(star, "--ctf needs rlnDefocusU/V, rlnVoltage and rlnSphericalAberration")
+    ps = open_particles(star, o.ctf)
     n, apix = ps.box, ps.pixel_size
     n_part = len(ps)
     diameter = o.particle_diameter if o.particle_diameter and o.particle_diameter > 0 else n * apix
@@ -1005,7 +994,7 @@ CLI_OPTIONS = {"K": "n_classes", "iter": "n_iter", "tau2_fudge": "tau2_fudge", "
 
 
 def add_args(p) -> None:
-    from spa3d.jobs.args import add_dask, add_device, add_iterative, add_job_output
+    from spa3d.jobs.args import add_job_output, add_ml_options, add_run_options
 
     p.add_argument("--i", default=None, help="particle STAR file")
     p.add_argument("--ref", default=None, help="reference map (.mrc), same box and pixel size as the particles")
@@ -1013,22 +1002,7 @@ def add_args(p) -> None:
     p.add_argument("--K", type=int, default=4, help="number of classes (default 4)")
     p.add_argument("--iter", type=int, default=25, help="number of iterations (default 25)")
     p.add_argument("--tau2-fudge", type=float, default=4.0, help="regularisation parameter T (default 4)")
-    p.add_argument("--angular-sampling", type=float, default=7.5, help="angular sampling in degrees: 15, 7.5, "
-                   "3.7 (default 7.5)")
-    p.add_argument("--healpix-order", type=int, default=None,
-                   help="coarse HEALPix order (overrides --angular-sampling; 7.5° = 2)")
-    p.add_argument("--offset-range", type=float, default=5.0, help="offset search range in pixels (default 5)")
-    p.add_argument("--offset-step", type=float, default=1.0, help="offset search step in pixels (default 1)")
-    p.add_argument("--ini-high", type=float, default=50.0, help="initial low-pass of the reference in Å (default 50)")
-    p.add_argument("--particle-diameter", type=float, default=None, help="mask diameter in Å (default: the box)")
-    p.add_argument("--zero-mask", action="store_true", help="zeros outside the mask (default: noise)")
-    p.add_argument("--flatten-solvent", action="store_true", help="mask the class maps with the particle sphere")
-    p.add_argument("--ctf", action="store_true", help="CTF correction")
-    p.add_argument("--ctf-intact-first-peak", action="store_true")
-    p.add_argument("--ctf-phase-flipped", action="store_true")
-    p.add_argument("--firstiter-cc", action="store_true",
-                   help="first iteration by cross-correlation (reference not on absolute greyscale)")
-    p.add_argument("--sym", default="C1", help="point group (default C1)")
+    add_ml_options(p, ini_high=50.0, maps="class maps")
     p.add_argument("--strict-highres-exp", type=float, default=-1.0,
                    help="never use frequencies beyond this resolution (Å) in the E-step")
     p.add_argument("--skip-align", action="store_true", help="classify at the particles' stored poses")
@@ -1036,24 +1010,14 @@ def add_args(p) -> None:
                    help="local searches: σ in degrees of the prior on angles around the stored poses")
     p.add_argument("--fast-subsets", action="store_true",
                    help="random subsets in the first 15 iterations: K*1500, K*4500 particles, then max(K*4500, 30%%) (RELION)")
-    p.add_argument("--batch-size", type=int, default=None, help="particles per batch (default: from free memory)")
-    add_iterative(p)
-    add_device(p)
-    add_dask(p)
+    add_run_options(p)
 
 
 def main(a) -> None:
-    from spa3d.geometry.sampling import healpix_order_for_sampling
-    from spa3d.jobs.args import given_options, start_log
+    from spa3d.jobs.args import given_options, ml_option_values, start_log
 
-    order = a.healpix_order if a.healpix_order is not None else healpix_order_for_sampling(a.angular_sampling)
-    o = Class3dOptions(n_classes=a.K, n_iter=a.iter, tau2_fudge=a.tau2_fudge, healpix_order=order,
-                       offset_range=a.offset_range, offset_step=a.offset_step, ini_high=a.ini_high,
-                       particle_diameter=a.particle_diameter, zero_mask=a.zero_mask, flatten_solvent=a.flatten_solvent,
-                       ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak, ctf_phase_flipped=a.ctf_phase_flipped,
-                       firstiter_cc=a.firstiter_cc, symmetry=a.sym, strict_highres_exp=a.strict_highres_exp,
+    o = Class3dOptions(n_classes=a.K, n_iter=a.iter, tau2_fudge=a.tau2_fudge, strict_highres_exp=a.strict_highres_exp,
                        skip_align=a.skip_align, sigma_ang=a.sigma_ang, fast_subsets=a.fast_subsets,
-                       batch_size=a.batch_size, seed=a.seed, dry_run=a.dry_run,
-                       device=a.device, threads=a.threads, workers=a.workers, dask_scheduler=a.dask_scheduler)
+                       **ml_option_values(a))
     start_log(a)
     run_class3d(a.i, a.ref, a.o, o, continue_from=a.continue_from, given=given_options(a, CLI_OPTIONS))

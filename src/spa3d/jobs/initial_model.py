@@ -18,21 +18,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spa3d.backend.device import select_device
 from spa3d.errors import InputError
 from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import orientation_grid, translation_grid
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.search import coarse_radius, make_search_grid
 from spa3d.inference.sgd import SgdOptions, SgdSchedule, SgdState, initial_state, sgd_iteration
-from spa3d.io.atomic_write import atomic_path, ensure_writable_dir
+from spa3d.io.atomic_write import atomic_path
 from spa3d.io.mrc import write_map
 from spa3d.io.particles import ParticleSet
 from spa3d.io.star import write_star
 from spa3d.jobs.estimate import estimate_initial_model
-from spa3d.jobs.progress import EStepRate, add_log_file
-from spa3d.jobs.resume import (IterationFiles, append_options_block, prepare_continue, remove_stale_staging,
-                               state_file)
+from spa3d.jobs.progress import EStepRate
+from spa3d.jobs.resume import IterationFiles, append_options_block, prepare_continue, start_job, state_file
 
 log = logging.getLogger("spa3d")
 
@@ -139,25 +137,14 @@ def run_initial_model(star: str | None, job_dir: str, o: InitialModelOptions, co
     if continue_from:
         continue_from, o, first = prepare_continue(o, continue_from, job_dir, star, given, {"n_classes"})
         input_star = first or input_star
-    cluster = None
-    if o.workers or o.dask_scheduler:
-        from spa3d.backend.distributed import DaskCluster
+    from spa3d.backend.distributed import cluster_for
 
-        cluster = DaskCluster(o.workers, o.dask_scheduler, o.threads or 1)
-    try:
+    with cluster_for(o) as cluster:
         return _run_initial_model(star, job_dir, o, continue_from, cluster, input_star)
-    finally:
-        if cluster is not None:
-            cluster.close()
 
 
 def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, cluster, input_star) -> SgdState:
-    job = Path(job_dir)
-    if not o.dry_run:
-        ensure_writable_dir(job)
-        add_log_file(job / "run.log")
-    remove_stale_staging(job)
-    device = select_device(o.device, o.threads)
+    job, device = start_job(job_dir, o)
     sched = o.schedule or SgdSchedule()
     if o.n_classes < 1:
         raise InputError(None, "--K must be at least 1")

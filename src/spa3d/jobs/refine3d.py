@@ -50,7 +50,6 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from spa3d.backend.device import select_device
 from spa3d.errors import InputError
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.fourier.ctf import ctf_half_plane
@@ -61,16 +60,16 @@ from spa3d.geometry.sampling import angular_step, oversampled_orientations, over
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels, residual_power
 from spa3d.inference.search import coarse_radius
-from spa3d.io.atomic_write import atomic_path, ensure_writable_dir
+from spa3d.io.atomic_write import atomic_path
 from spa3d.io.mrc import read_map, write_map
 from spa3d.io.particles import ParticleSet
-from spa3d.io.star import read_star, write_star
+from spa3d.io.star import write_star
 from spa3d.jobs.class3d import (MIN_RESOLUTION_SHELLS, Class3dOptions, EStepChunk, EStepResult, _batch_size,
-                                _class_fsc, _combine, _groups, _image_mask, initial_sigma2, load_reference, model_star_blocks, particles_table,
-                                random_halves, resolution_shell, run_estep)
-from spa3d.jobs.progress import EStepRate, Progress, add_log_file
-from spa3d.jobs.resume import (IterationFiles, append_options_block, prepare_continue, remove_stale_staging,
-                               state_file)
+                                _class_fsc, _combine, _groups, _image_mask, initial_sigma2, load_reference,
+                                model_star_blocks, open_particles, particles_table, random_halves, resolution_shell,
+                                run_estep)
+from spa3d.jobs.progress import EStepRate, Progress
+from spa3d.jobs.resume import IterationFiles, append_options_block, load_continued, prepare_continue, start_job
 
 log = logging.getLogger("spa3d")
 
@@ -302,33 +301,18 @@ def run_refine3d(star: str | None, ref: str | None, job_dir: str, o: Refine3dOpt
     o = dataclasses.replace(o)
     if continue_from:
         continue_from, o, _ = prepare_continue(o, continue_from, job_dir, star, given, set())
-    cluster = None
-    if o.workers or o.dask_scheduler:
-        from spa3d.backend.distributed import DaskCluster
+    from spa3d.backend.distributed import cluster_for
 
-        cluster = DaskCluster(o.workers, o.dask_scheduler, o.threads or 1)
-    try:
+    with cluster_for(o) as cluster:
         return _run_refine3d(star, ref, job_dir, o, continue_from, cluster)
-    finally:
-        if cluster is not None:
-            cluster.close()
 
 
 def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster):
-    job = Path(job_dir)
-    if not o.dry_run:
-        ensure_writable_dir(job)
-        add_log_file(job / "run.log")
-    device = select_device(o.device, o.threads)
-    remove_stale_staging(job)
+    job, device = start_job(job_dir, o)
     st = None
     if continue_from:
-        gen = read_star(continue_from)["optimiser_general"]
-        sfile = state_file(continue_from)
-        if sfile is None or not sfile.exists():
-            raise InputError(continue_from, f"state file {sfile} not found")
-        st = _load_state(sfile)
-        star = star or str(gen["rlnRefine3dInputStarFile"].iloc[0])
+        st, first_star = load_continued(continue_from, _load_state, "rlnRefine3dInputStarFile")
+        star = star or first_star
         src = Path(continue_from).parent
         halves_maps = []
         for h in (1, 2):
@@ -338,11 +322,7 @@ def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster
             halves_maps.append(read_map(path)[0])
         maps = np.array(halves_maps)
         log.info(f"refine3d: continuing from iteration {st.iteration} ({continue_from})")
-    if star is None:
-        raise InputError(None, "--i particles.star is required")
-    ps = ParticleSet(star)
-    if o.ctf and not ps.has_ctf():
-        raise InputError(star, "--ctf needs rlnDefocusU/V, rlnVoltage and rlnSphericalAberration")
+    ps = open_particles(star, o.ctf)
     n, apix, n_part = ps.box, ps.pixel_size, len(ps)
     if n_part < 2:
         raise InputError(star, "refine3d needs at least 2 particles (one per half set)")
@@ -658,54 +638,28 @@ CLI_OPTIONS = {"angular_sampling": "healpix_order", "healpix_order": "healpix_or
 
 
 def add_args(p) -> None:
-    from spa3d.jobs.args import add_dask, add_device, add_iterative, add_job_output
+    from spa3d.jobs.args import add_job_output, add_ml_options, add_run_options
 
     p.add_argument("--i", default=None, help="particle STAR file")
     p.add_argument("--ref", default=None, help="reference map (.mrc), same box and pixel size as the particles")
     add_job_output(p, "job directory")
-    p.add_argument("--angular-sampling", type=float, default=7.5,
-                   help="initial angular sampling in degrees: 15, 7.5, 3.7 (default 7.5)")
-    p.add_argument("--healpix-order", type=int, default=None, help="initial coarse HEALPix order (overrides "
-                   "--angular-sampling; 7.5° = 2)")
-    p.add_argument("--offset-range", type=float, default=5.0, help="initial offset search range in pixels (default 5)")
-    p.add_argument("--offset-step", type=float, default=1.0, help="initial offset search step in pixels (default 1)")
+    add_ml_options(p, ini_high=60.0, maps="half maps")
     p.add_argument("--auto-local-healpix-order", type=int, default=4,
                    help="local searches from this HEALPix order on (default 4: 1.8°)")
-    p.add_argument("--ini-high", type=float, default=60.0, help="initial low-pass of the reference in Å (default 60)")
-    p.add_argument("--particle-diameter", type=float, default=None, help="mask diameter in Å (default: the box)")
-    p.add_argument("--zero-mask", action="store_true", help="zeros outside the mask (default: noise)")
-    p.add_argument("--flatten-solvent", action="store_true", help="mask the half maps with the particle sphere")
     p.add_argument("--solvent-mask", default=None, help="reference mask (.mrc, 0..1) applied to the half maps")
     p.add_argument("--rescale-ref", action="store_true", help="resample a reference of another pixel size and cut "
                    "or pad it to the particles' box (as relion_image_handler --rescale_angpix --new_box)")
-    p.add_argument("--ctf", action="store_true", help="CTF correction")
-    p.add_argument("--ctf-intact-first-peak", action="store_true")
-    p.add_argument("--ctf-phase-flipped", action="store_true")
-    p.add_argument("--firstiter-cc", action="store_true",
-                   help="first iteration by cross-correlation (reference not on absolute greyscale)")
-    p.add_argument("--sym", default="C1", help="point group (default C1)")
     p.add_argument("--tau2-fudge", type=float, default=1.0, help="regularisation parameter T (default 1)")
     p.add_argument("--max-iter", type=int, default=50, help="stop after this many iterations even if not converged "
                    "(then without the final maps, as RELION's --iter; --continue with a larger value goes on; default 50)")
-    p.add_argument("--batch-size", type=int, default=None, help="particles per batch (default: from free memory)")
-    add_iterative(p)
-    add_device(p)
-    add_dask(p)
+    add_run_options(p)
 
 
 def main(a) -> None:
-    from spa3d.geometry.sampling import healpix_order_for_sampling
-    from spa3d.jobs.args import given_options, start_log
+    from spa3d.jobs.args import given_options, ml_option_values, start_log
 
-    order = a.healpix_order if a.healpix_order is not None else healpix_order_for_sampling(a.angular_sampling)
-    o = Refine3dOptions(healpix_order=order, offset_range=a.offset_range, offset_step=a.offset_step,
-                        auto_local_healpix_order=a.auto_local_healpix_order, ini_high=a.ini_high,
-                        particle_diameter=a.particle_diameter, zero_mask=a.zero_mask,
-                        flatten_solvent=a.flatten_solvent, solvent_mask=a.solvent_mask, rescale_ref=a.rescale_ref,
-                        ctf=a.ctf,
-                        ctf_intact_first_peak=a.ctf_intact_first_peak, ctf_phase_flipped=a.ctf_phase_flipped,
-                        firstiter_cc=a.firstiter_cc, symmetry=a.sym, tau2_fudge=a.tau2_fudge, max_iter=a.max_iter,
-                        batch_size=a.batch_size, seed=a.seed, device=a.device, threads=a.threads,
-                        workers=a.workers, dask_scheduler=a.dask_scheduler, dry_run=a.dry_run)
+    o = Refine3dOptions(auto_local_healpix_order=a.auto_local_healpix_order, solvent_mask=a.solvent_mask,
+                        rescale_ref=a.rescale_ref, tau2_fudge=a.tau2_fudge, max_iter=a.max_iter,
+                        **ml_option_values(a))
     start_log(a)
     run_refine3d(a.i, a.ref, a.o, o, continue_from=a.continue_from, given=given_options(a, CLI_OPTIONS))

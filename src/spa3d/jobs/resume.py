@@ -253,3 +253,32 @@ def prepare_continue(o, continue_from: str | os.PathLike, job_dir: str | os.Path
     if star and first and Path(star).resolve() != Path(first):
         raise InputError(star, f"--continue: the run's particles are {first}; they cannot change")
     return str(optimiser), o, first
+
+
+def start_job(job_dir: str | os.PathLike, o):
+    """Open an iterative job's directory: writable, run.log (not for a dry run), no stale staging; the torch device
+    the options ask for. Returns (job directory, device)."""
+    from spa3d.backend.device import select_device
+    from spa3d.io.atomic_write import ensure_writable_dir
+    from spa3d.jobs.progress import add_log_file
+
+    job = Path(job_dir)
+    if not o.dry_run:
+        ensure_writable_dir(job)
+        add_log_file(job / "run.log")
+    device = select_device(o.device, o.threads)
+    remove_stale_staging(job)
+    return job, device
+
+
+def load_continued(continue_from: str | os.PathLike, load_state, input_label: str):
+    """What ``--continue`` resumes: (state read by ``load_state`` from the file the optimiser.star names, the
+    particle STAR file the run was given, read from the optimiser.star's ``input_label``)."""
+    from spa3d.io.star import read_star
+
+    opt = read_star(continue_from)
+    gen = opt["optimiser_general"] if "optimiser_general" in opt else opt[next(iter(opt))]
+    sfile = state_file(continue_from)
+    if sfile is None or not sfile.exists():
+        raise InputError(continue_from, f"state file {sfile} not found")
+    return load_state(sfile), str(gen[input_label].iloc[0])
