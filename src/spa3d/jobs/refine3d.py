@@ -92,6 +92,7 @@ class Refine3dOptions:
     flatten_solvent: bool = False
     solvent_mask: str | None = None  # reference mask (MRC, 0..1) applied to the half maps every iteration
     rescale_ref: bool = False  # bring a reference of another pixel size or box to the particles'
+    low_resol_join_halves: float = 40.0  # Å; the halves share their sums below this resolution (0: never)
     ctf: bool = False
     ctf_intact_first_peak: bool = False
     ctf_phase_flipped: bool = False
@@ -280,6 +281,20 @@ def update_sampling(st: RefineState, o: Refine3dOptions, apix: float) -> bool:
     return True
 
 
+def join_halves_below(acc: list, n: int, r_cur: float, r_join: float, device) -> list:
+    """The two half sets' accumulators with their data and weights averaged below shell ``r_join``.
+
+    As RELION's ``--low_resol_join_halves`` (40 Å in the GUI): below that
+    resolution the halves hold the same map, so they cannot drift apart in
+    orientation or position; the FSC there is 1, and the resolution, measured
+    far beyond it, stays independent.
+    """
+    bp = BackProjector(n, r_max=r_cur, device=device)
+    inside = (bp.shell_index() <= r_join)[..., None]
+    mean = 0.5 * (acc[0].to(device) + acc[1].to(device))
+    return [torch.where(inside, mean, a.to(device)) for a in acc[:2]]
+
+
 def fsc_tau2(fsc: np.ndarray, mean_weight: np.ndarray, fudge: float, r_max: float, full: bool = False) -> np.ndarray:
     """Prior power over noise power per shell from the half maps' FSC (RELION's tau2 from the FSC).
 
@@ -417,6 +432,8 @@ def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster
         upd = res.pix_shell > 0
         st.sigma2[upd] = res_shell[upd] / res.pix_shell[upd]
         st.sigma_offset_px = float(np.sqrt(res.off_sq / (2 * n_part)))
+        if o.low_resol_join_halves > 0:  # RELION's: the halves share their sums below this resolution
+            res.acc = join_halves_below(res.acc, n, r_cur, n * apix / o.low_resol_join_halves, device)
         fsc = _class_fsc(res.acc[0], res.acc[1], n, r_cur, ops, device)
         st.fsc = fsc
         bps = []
@@ -633,7 +650,7 @@ CLI_OPTIONS = {"angular_sampling": "healpix_order", "healpix_order": "healpix_or
                "ctf": "ctf",
                "ctf_intact_first_peak": "ctf_intact_first_peak", "ctf_phase_flipped": "ctf_phase_flipped",
                "firstiter_cc": "firstiter_cc", "sym": "symmetry", "tau2_fudge": "tau2_fudge",
-               "max_iter": "max_iter", "batch_size": "batch_size", "seed": "seed", "device": "device",
+               "max_iter": "max_iter", "low_resol_join_halves": "low_resol_join_halves", "batch_size": "batch_size", "seed": "seed", "device": "device",
                "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler", "dry_run": "dry_run"}
 
 
@@ -650,6 +667,8 @@ def add_args(p) -> None:
     p.add_argument("--rescale-ref", action="store_true", help="resample a reference of another pixel size and cut "
                    "or pad it to the particles' box (as relion_image_handler --rescale_angpix --new_box)")
     p.add_argument("--tau2-fudge", type=float, default=1.0, help="regularisation parameter T (default 1)")
+    p.add_argument("--low-resol-join-halves", type=float, default=40.0,
+                   help="the half sets share their maps below this resolution in Å (RELION's GUI: 40; 0: never)")
     p.add_argument("--max-iter", type=int, default=50, help="stop after this many iterations even if not converged "
                    "(then without the final maps, as RELION's --iter; --continue with a larger value goes on; default 50)")
     add_run_options(p)
@@ -660,6 +679,7 @@ def main(a) -> None:
 
     o = Refine3dOptions(auto_local_healpix_order=a.auto_local_healpix_order, solvent_mask=a.solvent_mask,
                         rescale_ref=a.rescale_ref, tau2_fudge=a.tau2_fudge, max_iter=a.max_iter,
+                        low_resol_join_halves=a.low_resol_join_halves,
                         **ml_option_values(a))
     start_log(a)
     run_refine3d(a.i, a.ref, a.o, o, continue_from=a.continue_from, given=given_options(a, CLI_OPTIONS))
