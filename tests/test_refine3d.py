@@ -78,6 +78,33 @@ def test_fsc_tau2_follows_the_half_maps_ssnr():
     assert fsc_tau2(fsc, w, 1.0, r_max=2)[3] == 0
 
 
+def test_a_mirrored_half_is_turned_onto_the_other_with_poses_that_project_the_same(truth_map):
+    """align_halves' pieces: a half map in the other hand and frame is found, and turning it with its poses
+    leaves every particle's projection unchanged."""
+    from spa3d.fourier.projector import Projector
+    from spa3d.geometry.euler import euler_to_matrix, random_rotations
+    from spa3d.maps.align import relative_orientation, transform_map, transform_poses
+
+    vol = truth_map[0]
+    rng = np.random.default_rng(3)
+    s0 = np.diag([-1.0, 1.0, 1.0]) @ euler_to_matrix(np.array([40.0]), np.array([70.0]), np.array([-20.0]))[0]
+    other = transform_map(vol, s0)  # the mirror image, turned: vol(S0·x)
+    rel = relative_orientation(vol, other)
+    assert rel.mirrored and rel.correlation > rel.correlation_as_is + 0.2
+    err = np.rad2deg(np.arccos(np.clip((np.trace(rel.matrix @ s0) - 1) / 2, -1, 1)))
+    assert err < 3.0  # other(S·x) ≈ vol(x): S = S0ᵀ
+    poses = random_rotations(6, rng)
+
+    def agreement(other_poses):
+        a_, b_ = Projector(vol).project(poses, r_max=12), Projector(other).project(other_poses, r_max=12)
+        return [float((a.conj() * b).real.sum() / (a.abs().square().sum() * b.abs().square().sum()).sqrt())
+                for a, b in zip(a_, b_)]
+
+    assert min(agreement(transform_poses(poses, s0))) > 0.99  # vol(S0·x) under D·A·S0 projects as vol under A
+    assert max(agreement(transform_poses(poses, s0.T))) < 0.97
+    assert not relative_orientation(vol, vol).mirrored
+
+
 # ---- a refinement of simulated particles (1TII, box 64, 2 Å/px, CTF, SNR 0.1) from the truth at 50 Å ----
 
 from spa3d.io.mrc import read_map, write_map  # noqa: E402

@@ -55,7 +55,7 @@ from spa3d.fourier.backprojector import BackProjector
 from spa3d.fourier.ctf import ctf_half_plane
 from spa3d.fourier.filters import soft_sphere
 from spa3d.fourier.projector import Projector
-from spa3d.geometry.euler import euler_to_matrix
+from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels, residual_power
@@ -69,6 +69,8 @@ from spa3d.jobs.class3d import (MIN_RESOLUTION_SHELLS, Class3dOptions, EStepChun
                                 model_star_blocks, open_particles, particles_table, random_halves, resolution_shell,
                                 run_estep)
 from spa3d.jobs.progress import EStepRate, Progress
+from spa3d.maps.align import _corr_many, relative_orientation, transform_map, transform_poses
+from spa3d.maps.transform import fourier_resample
 from spa3d.jobs.resume import IterationFiles, append_options_block, load_continued, prepare_continue, start_job
 
 log = logging.getLogger("spa3d")
@@ -93,6 +95,7 @@ class Refine3dOptions:
     solvent_mask: str | None = None  # reference mask (MRC, 0..1) applied to the half maps every iteration
     rescale_ref: bool = False  # bring a reference of another pixel size or box to the particles'
     low_resol_join_halves: float = 40.0  # Å; the halves share their sums below this resolution (0: never)
+    align_halves: bool = True  # bring a half set that settled in the other hand or frame onto the first (not RELION's)
     ctf: bool = False
     ctf_intact_first_peak: bool = False
     ctf_phase_flipped: bool = False
@@ -146,6 +149,7 @@ class RefineState:
     finished: bool = False
     map_radius: float = 0.0
     fsc: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    reference_small: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the initial reference, box ≤ 32
     stats: dict = field(default_factory=dict)
     rng_state: dict = field(default_factory=dict)
 
@@ -281,6 +285,49 @@ def update_sampling(st: RefineState, o: Refine3dOptions, apix: float) -> bool:
     return True
 
 
+def align_halves(maps: np.ndarray, st: RefineState, symmetry: str, it: int, margin: float = 0.03) -> np.ndarray:
+    """Bring the two half maps into one hand and frame when they have settled apart (not in RELION).
+
+    Started from one low-resolution reference, the two independent half sets can each build a self-consistent
+    map in a different hand (the mirror image) or, for a pseudo-symmetric particle, a different symmetry-related
+    frame; their FSC then stays low at every later iteration and the final map averages two structures. The
+    relative orientation of the half maps (:func:`spa3d.maps.align.relative_orientation`: rotations in both hands,
+    whitened maps cropped to twice the current resolution's shell) decides: when a transform S other than the
+    identity (or a symmetry operation) raises their correlation by more than ``margin``, the half that agrees
+    less with the initial reference is turned by S (map V(S·x), poses D·A·S, which give the same projections),
+    so both halves keep the reference's hand. Their particles and data are untouched, so the halves stay
+    independent. Returns the maps (possibly one half changed); ``st.angles`` follow.
+    """
+    n = maps.shape[-1]
+    w = int(np.clip(2 * round(st.resolution_shell), 16, 32))
+    rel = relative_orientation(maps[0], maps[1], working_box=w)
+    ops = symmetry_matrices(symmetry)
+    near_symmetry_op = min(np.rad2deg(np.arccos(np.clip((np.trace(g.T @ rel.rotation) - 1) / 2, -1, 1)))
+                           for g in ops) < 10.0
+    if rel.correlation <= rel.correlation_as_is + margin or (not rel.mirrored and near_symmetry_op):
+        return maps
+    s = rel.matrix  # maps[1](S·x) ≈ maps[0](x)
+    moved = 1
+    if st.reference_small.size:
+        m = st.reference_small.shape[0]
+        ref = torch.as_tensor(st.reference_small.astype(np.float32))
+        mask = torch.as_tensor(soft_sphere(m, m / 2 - 1, 0) > 0.5)
+        small = torch.as_tensor(np.stack([fourier_resample(v, m) if n > m else v for v in maps]))
+        agree = _corr_many(ref, small, mask)
+        moved = 0 if agree[0] < agree[1] else 1
+        if moved == 0:
+            s = s.T  # maps[0](Sᵀ·x) ≈ maps[1](x)
+    out = maps.copy()
+    out[moved] = transform_map(maps[moved], s)
+    sel = st.halves == moved
+    st.angles[sel] = np.stack(matrix_to_euler(transform_poses(euler_to_matrix(*st.angles[sel].T), s)), axis=1)
+    log.info(f"iteration {it}: half set {moved + 1} had settled in "
+             f"{'the mirror image' if rel.mirrored else 'another frame'} of half set {2 - moved}'s map "
+             f"(turned {rel.angle:.0f}°; whitened correlation {rel.correlation:.3f} against {rel.correlation_as_is:.3f} "
+             f"as they were): its map and poses now share the other half's hand and frame")
+    return out
+
+
 def join_halves_below(acc: list, n: int, r_cur: float, r_join: float, device) -> list:
     """The two half sets' accumulators with their data and weights averaged below shell ``r_join``.
 
@@ -367,7 +414,8 @@ def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster
         angles0 = ps.angles() if "rlnAngleRot" in ps.table.particles else np.zeros((n_part, 3))
         st = RefineState(0, initial_sigma2(ps, mask2d, e_opts, rng), o.initial_sigma_offset / apix, np.ones(n_groups),
                          float(min(n // 2 - 1, r0 + o.incr_size)), float(round(r0)), ps.origins_px(), angles0, random_halves(ps, o.seed),
-                         o.healpix_order, o.offset_range, o.offset_step, incr_size=o.incr_size, map_radius=float(r0))
+                         o.healpix_order, o.offset_range, o.offset_step, incr_size=o.incr_size, map_radius=float(r0),
+                         reference_small=fourier_resample(vol, min(n, 32)) if n > 32 else vol.copy())
     else:
         rng = np.random.default_rng()
         rng.bit_generator.state = st.rng_state
@@ -398,6 +446,8 @@ def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster
         bs = o.batch_size or _batch_size(e_opts, 1, n_coarse, device)
         e_opts.batch_size = bs
         hard = bool(o.firstiter_cc and it == 1)
+        if o.align_halves and it >= 2 and not final and st.sigma_ang <= 0:
+            maps = align_halves(maps, st, o.symmetry, it)
         r_coarse = coarse_radius(st.order, diameter, n, apix)
         scale_all = st.group_scale[groups]
         prog = Progress(n_part, label=f"iteration {it}: ")
@@ -650,7 +700,8 @@ CLI_OPTIONS = {"angular_sampling": "healpix_order", "healpix_order": "healpix_or
                "ctf": "ctf",
                "ctf_intact_first_peak": "ctf_intact_first_peak", "ctf_phase_flipped": "ctf_phase_flipped",
                "firstiter_cc": "firstiter_cc", "sym": "symmetry", "tau2_fudge": "tau2_fudge",
-               "max_iter": "max_iter", "low_resol_join_halves": "low_resol_join_halves", "batch_size": "batch_size", "seed": "seed", "device": "device",
+               "max_iter": "max_iter", "low_resol_join_halves": "low_resol_join_halves",
+               "no_align_halves": "align_halves", "batch_size": "batch_size", "seed": "seed", "device": "device",
                "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler", "dry_run": "dry_run"}
 
 
@@ -669,6 +720,8 @@ def add_args(p) -> None:
     p.add_argument("--tau2-fudge", type=float, default=1.0, help="regularisation parameter T (default 1)")
     p.add_argument("--low-resol-join-halves", type=float, default=40.0,
                    help="the half sets share their maps below this resolution in Å (RELION's GUI: 40; 0: never)")
+    p.add_argument("--no-align-halves", action="store_true",
+                   help="never turn a half set that settled in the other hand or frame onto the first (RELION's way)")
     p.add_argument("--max-iter", type=int, default=50, help="stop after this many iterations even if not converged "
                    "(then without the final maps, as RELION's --iter; --continue with a larger value goes on; default 50)")
     add_run_options(p)
@@ -679,7 +732,7 @@ def main(a) -> None:
 
     o = Refine3dOptions(auto_local_healpix_order=a.auto_local_healpix_order, solvent_mask=a.solvent_mask,
                         rescale_ref=a.rescale_ref, tau2_fudge=a.tau2_fudge, max_iter=a.max_iter,
-                        low_resol_join_halves=a.low_resol_join_halves,
+                        low_resol_join_halves=a.low_resol_join_halves, align_halves=not a.no_align_halves,
                         **ml_option_values(a))
     start_log(a)
     run_refine3d(a.i, a.ref, a.o, o, continue_from=a.continue_from, given=given_options(a, CLI_OPTIONS))

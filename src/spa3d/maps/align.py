@@ -1,4 +1,5 @@
-"""Superpose one map onto another: rotation, shift and hand (for FSC against a ground truth).
+"""Superpose one map onto another: rotation, shift and hand (for FSC against a ground truth), and the relative
+orientation of two maps that should share a frame (the half maps of a gold-standard refinement).
 
 Both maps are centred on their centres of mass and compared in a small box:
 a global search over a 15° HEALPix grid of rotations, for the map and its
@@ -34,6 +35,30 @@ def _corr_many(ref: torch.Tensor, maps: torch.Tensor, mask: torch.Tensor) -> np.
     return (b @ a / a.numel()).numpy()
 
 
+def _grid_candidates(ref: torch.Tensor, mov: torch.Tensor, mask: torch.Tensor, grid_order: int,
+                     n_keep: int) -> list[np.ndarray]:
+    """The ``n_keep`` rotations R of a HEALPix grid whose ``mov(R @ x)`` correlate best with ``ref``."""
+    grid = euler_to_matrix(*orientation_grid(grid_order).T)
+    scores = np.concatenate([_corr_many(ref, rotate_maps(mov, grid[s:s + 256]), mask) for s in range(0, len(grid), 256)])
+    return list(grid[np.argsort(scores)[::-1][:n_keep]])
+
+
+def _refine_rotation(ref: torch.Tensor, mov: torch.Tensor, mask: torch.Tensor, q: np.ndarray,
+                     steps=(8.0, 4.0, 2.0, 1.0, 0.5)) -> tuple[float, np.ndarray]:
+    """Local refinement of R from ``q`` by steps (degrees) about the three axes: (correlation, R)."""
+    s_q = _corr_many(ref, rotate_maps(mov, q[None]), mask)[0]
+    for step in steps:
+        improved = True
+        while improved:
+            improved = False
+            trial = np.array([rotation_about_axis(ax, sg * step) @ q for ax in np.eye(3) for sg in (1, -1)])
+            ts = _corr_many(ref, rotate_maps(mov, trial), mask)
+            if ts.max() > s_q + 1e-7:
+                q, s_q = trial[np.argmax(ts)], ts.max()
+                improved = True
+    return float(s_q), q
+
+
 def superpose(moving: np.ndarray, reference: np.ndarray, working_box: int = 32, try_mirror: bool = True):
     """Return (moving aligned onto reference, Superposition)."""
     n = reference.shape[0]
@@ -46,20 +71,10 @@ def superpose(moving: np.ndarray, reference: np.ndarray, working_box: int = 32, 
         rs = torch.as_tensor(fourier_resample(ref_c, small_n) if small_n < n else ref_c)
         ms = fourier_resample(mv_c, small_n) if small_n < n else mv_c
         mask = torch.as_tensor(soft_sphere(small_n, small_n / 2 - 1, 0) > 0.5)
-        grid = euler_to_matrix(*orientation_grid(2).T)
-        scores = np.concatenate([_corr_many(rs, rotate_maps(ms, grid[s:s + 256]), mask) for s in range(0, len(grid), 256)])
-        for q in grid[np.argsort(scores)[::-1][:4]]:
-            s_q = _corr_many(rs, rotate_maps(ms, q[None]), mask)[0]
-            for step in (8.0, 4.0, 2.0, 1.0, 0.5):
-                improved = True
-                while improved:
-                    improved = False
-                    trial = np.array([rotation_about_axis(ax, sg * step) @ q for ax in np.eye(3) for sg in (1, -1)])
-                    ts = _corr_many(rs, rotate_maps(ms, trial), mask)
-                    if ts.max() > s_q + 1e-7:
-                        q, s_q = trial[np.argmax(ts)], ts.max()
-                        improved = True
-            candidates.append((s_q, mirrored, q, mv_c))
+        ms = torch.as_tensor(ms)
+        s_q, q = max((_refine_rotation(rs, ms, mask, q) for q in _grid_candidates(rs, ms, mask, 2, 4)),
+                     key=lambda c: c[0])
+        candidates.append((s_q, mirrored, q, mv_c))
     s_best, mirrored, q, mv_c = max(candidates, key=lambda c: c[0])
     aligned = rotate_map(mv_c, q)
     # put it where the reference is (undo the reference's centring), then refine the shift by cross-correlation
@@ -71,3 +86,84 @@ def superpose(moving: np.ndarray, reference: np.ndarray, working_box: int = 32, 
     aligned = shift_map(aligned, peak[::-1].astype(float))
     corr = float(np.corrcoef(aligned.ravel(), reference.ravel())[0, 1])
     return aligned, Superposition(q, mirrored, corr)
+
+
+def mirror_x(vol: np.ndarray) -> np.ndarray:
+    """The map ``vol(M @ x)``, M = diag(-1, 1, 1): x → −x about the box centre n//2 (exact for even and odd n)."""
+    v = np.asarray(vol)[:, :, ::-1]
+    return np.ascontiguousarray(np.roll(v, 1, axis=2) if v.shape[2] % 2 == 0 else v)
+
+
+def whiten(vol: np.ndarray, low_shell: int = 2) -> np.ndarray:
+    """The map with every Fourier shell scaled to unit mean power; shells below ``low_shell`` and beyond
+    Nyquist set to zero. Correlations of whitened maps weigh fine detail (the hand) as much as the overall shape."""
+    v = np.asarray(vol, dtype=np.float64)
+    n = v.shape[0]
+    f = np.fft.fftn(v)
+    k = np.fft.fftfreq(n) * n
+    shell = np.round(np.sqrt(k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2)).astype(int)
+    power = np.bincount(shell.ravel(), (np.abs(f) ** 2).ravel()) / np.maximum(np.bincount(shell.ravel()), 1)
+    f = f / np.sqrt(power[shell] + 1e-30)
+    f[(shell < low_shell) | (shell > n // 2)] = 0
+    return np.fft.ifftn(f).real.astype(np.float32)
+
+
+@dataclass
+class RelativeOrientation:
+    """How map B sits relative to map A about the box centre: B(S @ x) ≈ A(x), S = M·R when mirrored, else R."""
+
+    rotation: np.ndarray  # R (proper)
+    mirrored: bool
+    correlation: float  # whitened correlation of A and B(S @ x) in the working box
+    correlation_as_is: float  # the same for S = identity
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """S (det −1 when mirrored)."""
+        return (np.diag([-1.0, 1.0, 1.0]) @ self.rotation) if self.mirrored else self.rotation
+
+    @property
+    def angle(self) -> float:
+        """Angle of R, degrees."""
+        return float(np.rad2deg(np.arccos(np.clip((np.trace(self.rotation) - 1) / 2, -1, 1))))
+
+
+def relative_orientation(a: np.ndarray, b: np.ndarray, working_box: int = 24, n_keep: int = 4) -> RelativeOrientation:
+    """The rotation about the box centre, in either hand, that best takes map ``b`` onto map ``a``.
+
+    Both maps are Fourier-cropped and whitened (``whiten``): candidates come from a 15° HEALPix grid at box 16,
+    then the candidates and the identity are refined to 1° at ``working_box``. No centring and no shift: for
+    two maps that should share a frame (the half maps of a refinement).
+    """
+    n = a.shape[0]
+
+    def prepared(w):
+        wa, wb = (whiten(fourier_resample(v, w) if w < n else v) for v in (a, b))
+        mask = torch.as_tensor(soft_sphere(w, w / 2 - 1, 0) > 0.5)
+        return torch.as_tensor(wa), torch.as_tensor(wb), torch.as_tensor(mirror_x(wb)), mask
+
+    ca, cb, cbm, cmask = prepared(min(n, 16))
+    fa, fb, fbm, fmask = prepared(min(n, working_box))
+    as_is = float(_corr_many(fa, fb[None], fmask)[0])
+    steps = (8.0, 4.0, 2.0, 1.0)
+    same = max((_refine_rotation(fa, fb, fmask, q, steps) for q in _grid_candidates(ca, cb, cmask, 2, n_keep)
+                + [np.eye(3)]), key=lambda c: c[0])
+    mirror = max((_refine_rotation(fa, fbm, fmask, q, steps) for q in _grid_candidates(ca, cbm, cmask, 2, n_keep)),
+                 key=lambda c: c[0])
+    (c, r), mirrored = (mirror, True) if mirror[0] > same[0] else (same, False)
+    return RelativeOrientation(r, mirrored, c, as_is)
+
+
+def transform_map(vol: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The map ``vol(S @ x)`` for S orthogonal (det ±1), trilinear."""
+    s = np.asarray(s, dtype=np.float64)
+    if np.linalg.det(s) < 0:
+        return rotate_map(mirror_x(vol), np.diag([-1.0, 1.0, 1.0]) @ s)
+    return rotate_map(vol, s)
+
+
+def transform_poses(rotations: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Poses A' (N, 3, 3) under which ``vol(S @ x)`` projects as ``vol`` did under A: A' = D·A·S, D = diag(1, 1, −1)
+    when S is improper (a flip along the beam, which leaves a projection unchanged), else D = I."""
+    d = np.diag([1.0, 1.0, -1.0]) if np.linalg.det(s) < 0 else np.eye(3)
+    return d @ np.asarray(rotations) @ s
