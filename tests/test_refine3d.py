@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import check_estimate
 
 from spa3d.geometry.sampling import angular_step
 from spa3d.jobs.refine3d import (RefineState, Refine3dOptions, fsc_tau2, orientation_changes,
@@ -178,6 +179,20 @@ def test_refine3d_poses_and_relion_outputs(picked, refined):
     assert np.median(np.hypot(*off.T)) < 2.0  # Å
     fsc_curve = read_star(job / "run_model.star")["model_class_1"]["rlnGoldStandardFsc"].astype(float).to_numpy()
     assert fsc_curve[1] > 0.9 and len(fsc_curve) == 33
+
+
+def test_refine3d_estimate_before_launch_is_within_a_factor_of_two(picked, refined, tmp_path):
+    """run.log starts with the expected wall time (one batch timed at each stage of the usual course); the run
+    took within 2x of it; --dry-run prints it and writes nothing."""
+    from spa3d.cli.main import main
+
+    job, _ = refined
+    est = check_estimate(job)
+    assert 0.05 < est["memory_gib"] < 16
+    assert main(["refine3d", "--i", str(picked / "picked.star"), "--ref", str(picked / "truth_class001.mrc"),
+                 "--o", str(tmp_path / "dry"), "--ini-high", "50", "--ctf", "--particle-diameter", "110",
+                 "--dry-run", "--quiet"]) == 0
+    assert not (tmp_path / "dry").exists()
 
 
 def test_refine3d_continue_equals_an_uninterrupted_run(picked, tmp_path):

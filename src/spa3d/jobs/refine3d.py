@@ -95,6 +95,7 @@ class Refine3dOptions:
     solvent_mask: str | None = None  # reference mask (MRC, 0..1) applied to the half maps every iteration
     rescale_ref: bool = False  # bring a reference of another pixel size or box to the particles'
     low_resol_join_halves: float = 40.0  # Å; the halves share their sums below this resolution (0: never)
+    estimate: bool = True  # log the expected wall time and memory first (a short calibration)
     align_halves: bool = True  # bring a half set that settled in the other hand or frame onto the first (not RELION's)
     ctf: bool = False
     ctf_intact_first_peak: bool = False
@@ -428,9 +429,14 @@ def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster
              f"half sets), box {n}, {apix:.3f} Å/px, symmetry {o.symmetry}, start at "
              f"{angular_step(st.order + 1):.2f}°, local searches from {angular_step(o.auto_local_healpix_order + 1):.2f}°"
              f", device {device}")
+    if o.dry_run or (o.estimate and st.iteration == 0):
+        est = _estimate(ps, maps, st, o, device, diameter, radius_px, groups, n_groups)
+        for line in est.lines():
+            log.info(line)
+        log.info(f"refine3d: the first iteration searches {n_rc:,} coarse (rotation, translation) samples per particle;"
+                 " the estimate assumes RELION's usual course (about 10 iterations at the first sampling, 3 at each"
+                 " finer one, 4 of local searches and the final one); the data decide")
     if o.dry_run:
-        log.info(f"refine3d: first iteration searches {2 * n_rc} coarse (half, rotation, translation) samples per "
-                 "particle; the number of iterations depends on the data (RELION's convergence rule)")
         return maps.sum(0), st
     start = time.perf_counter()
     rate = EStepRate()
@@ -557,6 +563,82 @@ def _chunk_maker(ps, half_map, st, it, bs, o, e_opts, r_cur, r_coarse, hard, rad
                           r_cur, r_coarse, hard, radius_px, dev, threads)
 
     return chunk
+
+
+# iterations the estimate assumes at each stage (RELION's usual course; the data decide)
+EST_GLOBAL_ITERATIONS, EST_ORDER_ITERATIONS, EST_LOCAL_ITERATIONS = 10, 3, 4
+EST_SIGNIFICANT = 4  # significant samples per particle after the first iterations (1–3 in the runs measured)
+
+
+def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: float, radius_px: float,
+              groups: np.ndarray, n_groups: int):
+    """Expected wall time, peak memory and poses of a refinement (see :mod:`spa3d.jobs.estimate`).
+
+    Times the E-step of one batch of particles at each stage of the usual course: global searches at the first order
+    (at the first radius and at 70 % of Nyquist, where the radius usually settles), one order finer, local
+    searches at the auto-local order, and the final iteration's local searches to Nyquist (all but the first
+    with at most EST_SIGNIFICANT significant samples per particle, as in a refinement under way); plus the
+    reconstructions, the accuracy estimate and the half-map comparison of one iteration. The stages are
+    weighted by EST_*_ITERATIONS; a run that stays longer at one sampling takes longer.
+    """
+    from spa3d.jobs.estimate import Estimate, host_peak_bytes
+    from spa3d.jobs.class3d import estep_chunk
+
+    t0 = time.perf_counter()
+    n, apix = ps.box, ps.pixel_size
+    cal = dataclasses.replace(st, offsets_px=st.offsets_px.copy(), angles=st.angles.copy())
+    scale_all = cal.group_scale[groups]
+    nyq = float(n // 2 - 1)
+    r_first = float(min(nyq, st.r_current))
+    r_mid = float(max(r_first, round(0.7 * nyq)))
+    sigma_local = 2 * angular_step(o.auto_local_healpix_order + 1)
+
+    def timed(order: int, sigma_ang: float, r_cur: float, shrink: float = 1.0, sharp: bool = True):
+        cal.order, cal.sigma_ang = order, sigma_ang
+        rng_, step_ = st.offset_range * shrink, st.offset_step * shrink
+        e_opts = _estep_options(o, 1, sigma_ang, order, rng_, step_)
+        n_coarse = (len(oversampled_orientations(order, o.symmetry)[0]) * len(oversampled_translations(rng_, step_)[0])
+                     if sigma_ang <= 0 else 64)
+        bs = o.batch_size or _batch_size(e_opts, 1, n_coarse, device)
+        e_opts.batch_size = bs  # the run's batch size: the projections of a batch's rotations are shared by its images
+        sel = np.nonzero(st.halves == 0)[0][:bs]
+        if sharp:  # against the low-passed reference every pose looks alike; a refinement's posteriors are sharp
+            e_opts.max_significant = EST_SIGNIFICANT
+        chunk = _chunk_maker(ps, maps[0:1], cal, 1, bs, o, e_opts, r_cur, coarse_radius(order, diameter, n, apix),
+                             False, radius_px, scale_all, groups, n_groups, 0)
+        t = time.perf_counter()
+        res = estep_chunk(chunk(sel, 0, str(device)))
+        return (time.perf_counter() - t) / len(sel), res
+
+    timed(st.order, 0.0, r_first)  # one-off costs
+    stages = []  # (iterations, seconds per particle, extra seconds per iteration)
+    per_first, _ = timed(st.order, 0.0, r_first, sharp=False)
+    per_mid, res = timed(st.order, 0.0, r_mid)
+    t = time.perf_counter()
+    relative_orientation(maps[0], maps[1])
+    t_align = time.perf_counter() - t
+    t = time.perf_counter()
+    _accuracy(ps, maps, st, o, np.random.default_rng(0), r_mid, device)
+    t_acc = time.perf_counter() - t
+    bp = BackProjector(n, r_max=r_mid, device=device)
+    bp.acc = res.acc[0].to(device)
+    t = time.perf_counter()
+    bp.reconstruct(tau2=np.ones(n // 2 + 1), unregularised_where_tau2_zero=True)
+    t_rec = time.perf_counter() - t
+    per_it = 2 * t_rec + t_acc
+    if st.order < o.auto_local_healpix_order:
+        stages.append((1, per_first, per_it))
+        stages.append((EST_GLOBAL_ITERATIONS - 1, per_mid, per_it + t_align))
+        for order in range(st.order + 1, o.auto_local_healpix_order):
+            stages.append((EST_ORDER_ITERATIONS, timed(order, 0.0, r_mid, 0.5)[0], per_it + t_align))
+    stages.append((EST_LOCAL_ITERATIONS, timed(o.auto_local_healpix_order, sigma_local, r_mid, 0.3)[0], per_it))
+    stages.append((1, timed(o.auto_local_healpix_order, sigma_local, nyq, 0.3)[0], 4 * per_it))
+    total = sum(k * (per * len(ps) + extra) for k, per, extra in stages)
+    log.debug(f"estimate stages (iterations, s per particle, s per iteration): {stages}")
+    poses = len(oversampled_orientations(st.order, o.symmetry)[0]) * len(oversampled_translations(
+        st.offset_range, st.offset_step)[0]) + 32 * float(np.maximum(res.n_significant, 0).mean())
+    gpu = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
+    return Estimate(total, host_peak_bytes(), gpu, poses, time.perf_counter() - t0)
 
 
 def _combine_halves(results: list) -> EStepResult:
