@@ -11,7 +11,13 @@ flattening. For each program it prints wall time, iterations, the reported
 resolution (half maps' FSC 0.143, unmasked) and the FSC of the final map
 against the ground truth (after superposing it on the truth), at 0.5 and 0.143.
 
-    python benchmarks/refine3d_vs_relion.py [--n 2000] [--snr 0.05] [--protein d2] [--workdir DIR] [--reuse-relion]
+    python benchmarks/refine3d_vs_relion.py [--n 2000] [--snr 0.05] [--protein d2] [--box 128 --angpix 1.5]
+        [--noise-spectrum real_micrograph.mrc] [--workdir DIR] [--reuse-relion] [--skip-relion]
+
+``--noise-spectrum`` makes the particles with ``spa3d simulate`` instead:
+noise with the spectrum of a real micrograph (e.g. tests/test_data/
+epu2.9_example.mrc of mrcfile's source distribution), a per-micrograph
+intensity scale and defocus errors.
 """
 
 from __future__ import annotations
@@ -27,16 +33,18 @@ from pathlib import Path
 
 from relion_data import d2_tetramer, print_tail, relion_particles, timed
 
+from spa3d.data import default_structure
 from spa3d.fourier.filters import fsc, lowpass, resolution_at
 from spa3d.io.mrc import read_map, write_map
 from spa3d.io.star import read_star
+from spa3d.jobs.simulate import SimulationOptions, simulate
 from spa3d.maps.align import superpose
 
 
 def relion_cmd(a, out: str) -> list[str]:
     # GUI semantics: --offset_step is the coarse step (twice the GUI's 1-pixel step with one oversampling level)
     return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "3", "relion_refine_mpi", "--o", out,
-            "--auto_refine", "--split_random_halves", "--i", "noisy.star", "--ref", "reference.mrc", "--ini_high", "50",
+            "--auto_refine", "--split_random_halves", "--i", a.input, "--ref", "reference.mrc", "--ini_high", "50",
             "--dont_combine_weights_via_disc", "--pool", "3", "--pad", "2", "--ctf", "--particle_diameter",
             str(a.diameter), "--flatten_solvent", "--zero_mask", "--oversampling", "1", "--healpix_order", "2",
             "--auto_local_healpix_order", "4", "--offset_range", "5", "--offset_step", "2", "--sym", a.sym,
@@ -44,7 +52,7 @@ def relion_cmd(a, out: str) -> list[str]:
 
 
 def spa3d_cmd(a, out: str) -> list[str]:
-    return [sys.executable, "-m", "spa3d", "refine3d", "--i", "noisy.star", "--ref", "reference.mrc", "--o", out,
+    return [sys.executable, "-m", "spa3d", "refine3d", "--i", a.input, "--ref", "reference.mrc", "--o", out,
             "--ini-high", "50", "--ctf", "--particle-diameter", str(a.diameter), "--flatten-solvent", "--zero-mask",
             "--angular-sampling", "7.5", "--auto-local-healpix-order", "4", "--offset-range", "5", "--offset-step", "2",
             "--sym", a.sym, "--seed", str(a.seed), "--quiet"]
@@ -70,6 +78,11 @@ def main() -> None:
     ap.add_argument("--diameter", type=float, default=110.0)
     ap.add_argument("--protein", choices=("1tii", "d2"), default="1tii")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--box", type=int, default=64)
+    ap.add_argument("--angpix", type=float, default=2.0)
+    ap.add_argument("--noise-spectrum", default=None, help="a real micrograph (MRC): particles from spa3d simulate "
+                    "with noise of its spectrum, a per-micrograph intensity scale (SD 0.1) and defocus error (SD 200 Å) "
+                    "instead of relion_project's white noise")
     ap.add_argument("--skip-relion", action="store_true")
     ap.add_argument("--reuse-relion", action="store_true")
     ap.add_argument("--workdir", default=None)
@@ -77,10 +90,16 @@ def main() -> None:
     a.sym = "D2" if a.protein == "d2" else "C1"
     work = Path(a.workdir or tempfile.mkdtemp(prefix="spa3d_bench_r3d_"))
     work.mkdir(parents=True, exist_ok=True)
-    apix = 2.0
-    if not (work / "noisy.star").exists():
-        structure = str(d2_tetramer(work / "d2.pdb")) if a.protein == "d2" else None
-        relion_particles(work, a.n, a.snr, seed=5, structure=structure)
+    apix = a.angpix
+    structure = str(d2_tetramer(work / "d2.pdb")) if a.protein == "d2" else None
+    a.input = "particles.star" if a.noise_spectrum else "noisy.star"
+    if not (work / a.input).exists():
+        if a.noise_spectrum:
+            simulate([structure or default_structure()], work, SimulationOptions(
+                n_particles=a.n, snr=a.snr, seed=5, box=a.box, pixel_size=apix, n_micrographs=max(1, a.n // 25),
+                micrograph_size=max(512, 8 * a.box), noise_spectrum=a.noise_spectrum, scale_sd=0.1, defocus_error=200.0))
+        else:
+            relion_particles(work, a.n, a.snr, seed=5, box=a.box, pixel_size=apix, structure=structure)
     truth, _ = read_map(work / "truth_class001.mrc")
     write_map(work / "reference.mrc", lowpass(truth, apix, 50.0), apix)
     rows = []
@@ -97,7 +116,7 @@ def main() -> None:
             stamp.write_text(json.dumps({"wall_s": t_r}))
         rows.append(("relion_refine_mpi", json.loads(stamp.read_text())["wall_s"], *score(rdir, truth, apix, True)))
     print(f"\n3D auto-refinement of {a.n} particles of {'a D2 tetramer (D2)' if a.sym == 'D2' else '1TII (C1)'} "
-          f"(relion_project; box 64, {apix} Å/px, SNR {a.snr}), reference: the truth at 50 Å, 7.5° -> local from "
+          f"({'spa3d simulate, noise of ' + Path(a.noise_spectrum).name if a.noise_spectrum else 'relion_project'}; box {a.box}, {apix} Å/px, SNR {a.snr}), reference: the truth at 50 Å, 7.5° -> local from "
           f"1.8°, offsets 5/1 px, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
     print(f"{'program':<18} {'wall (s)':>9} {'iter':>5} {'reported (Å)':>13} {'FSC0.5 (Å)':>11} {'FSC0.143 (Å)':>13}")
     for prog, t, its, rep, r5, r1 in rows:
