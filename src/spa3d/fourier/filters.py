@@ -100,3 +100,10 @@ def power_spectrum(vol) -> np.ndarray:
     s = torch.zeros(nsh, dtype=torch.float64).index_add_(0, shell[keep], (f.abs() ** 2).reshape(-1)[keep])
     c = torch.zeros(nsh, dtype=torch.float64).index_add_(0, shell[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
     return (s / c.clamp_min(1)).numpy()
+
+
+def relion_power(power: np.ndarray, n: int) -> np.ndarray:
+    """A power per Fourier pixel of an n × n image, from spa3d's units (E|F|² of the unnormalised FFT) to
+    RELION's model.star units: RELION's forward FFT divides by n², and its σ² is the variance of each of a
+    complex pixel's two components, so σ²_RELION = E|F|² / (2 n⁴)."""
+    return np.asarray(power, dtype=np.float64) / (2.0 * float(n) ** 4)

@@ -45,7 +45,7 @@ from spa3d.backend.device import free_memory_bytes
 from spa3d.errors import InputError
 from spa3d.fourier.backprojector import BackProjector, half_map_fsc
 from spa3d.fourier.ctf import ctf_half_plane
-from spa3d.fourier.filters import lowpass, power_spectrum, soft_sphere
+from spa3d.fourier.filters import lowpass, power_spectrum, relion_power, soft_sphere
 from spa3d.fourier.grid import phase_shift_2d, rfft2_centered
 from spa3d.fourier.projector import Projector
 from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
@@ -303,11 +303,13 @@ def model_star_blocks(ps: ParticleSet, names: list[str], class_fractions: np.nda
     class_info: per class "accuracy_rot" (degrees), "accuracy_trans" (Å),
     "resolution" (Å), "completeness" and per class and shell "ssnr", "fsc",
     "shell_completeness", "tau2"; optionally "log_likelihood", "average_pmax".
-    ``general`` adds to (or replaces) model_general's values.
+    ``general`` adds to (or replaces) model_general's values. ``sigma2`` (noise power) in spa3d's units and
+    "tau2" as spa3d's reconstructions take it (τ²/σ²); written in RELION's units (:func:`relion_power`).
     """
     n, apix = ps.box, ps.pixel_size
     k_cls = len(names)
     nsh = n // 2 + 1
+    sigma2_r = relion_power(sigma2, n)
     shells = np.arange(nsh)
     res_inv = shells / (n * apix)
     ang_res = np.where(shells > 0, n * apix / np.maximum(shells, 1), 999.0)
@@ -328,11 +330,16 @@ def model_star_blocks(ps: ParticleSet, names: list[str], class_fractions: np.nda
         "rlnClassPriorOffsetX": 0.0, "rlnClassPriorOffsetY": 0.0})
     blocks = {"model_general": gen, "model_classes": classes}
     for k in range(k_cls):
+        # RELION's units: τ² a signal power like σ² (spa3d's reconstructions take τ²/σ²), the reference's σ² the
+        # noise power of the reconstruction, τ²/SSNR (RELION: 1 / the mean data weight)
+        tau2 = np.asarray(class_info["tau2"][k]) * sigma2_r
+        ssnr = np.asarray(class_info["ssnr"][k])
+        ref_sigma2 = np.where((ssnr > 1e-12) & (tau2 > 0), tau2 / np.maximum(ssnr, 1e-12), 0.0)
         blocks[f"model_class_{k + 1}"] = pd.DataFrame({
             "rlnSpectralIndex": shells, "rlnResolution": res_inv, "rlnAngstromResolution": ang_res,
-            "rlnSsnrMap": class_info["ssnr"][k], "rlnGoldStandardFsc": class_info["fsc"][k],
+            "rlnSsnrMap": ssnr, "rlnGoldStandardFsc": class_info["fsc"][k],
             "rlnFourierCompleteness": class_info["shell_completeness"][k],
-            "rlnReferenceSigma2": sigma2, "rlnReferenceTau2": class_info["tau2"][k],
+            "rlnReferenceSigma2": ref_sigma2, "rlnReferenceTau2": tau2,
             "rlnSpectralOrientabilityContribution": 0.0})
     counts = np.bincount(_groups(ps), minlength=len(group_scale))
     blocks["model_groups"] = pd.DataFrame({"rlnGroupNumber": np.arange(1, len(group_scale) + 1),
@@ -340,8 +347,9 @@ def model_star_blocks(ps: ParticleSet, names: list[str], class_fractions: np.nda
                                            "rlnGroupNrParticles": counts, "rlnGroupScaleCorrection": group_scale})
     for g in range(len(group_scale)):
         blocks[f"model_group_{g + 1}"] = pd.DataFrame({"rlnSpectralIndex": shells, "rlnResolution": res_inv,
-                                                       "rlnSigma2Noise": sigma2})
+                                                       "rlnSigma2Noise": sigma2_r})
     return blocks
+
 
 
 def particles_table(ps: ParticleSet, angles: np.ndarray, offsets_px: np.ndarray, classes: np.ndarray, stats: dict):

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from spa3d.errors import InputError
+from spa3d.fourier.filters import relion_power
 from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import orientation_grid, translation_grid
 from spa3d.geometry.symmetry import symmetry_matrices
@@ -99,7 +100,7 @@ def _write_iteration_files(files: IterationFiles, job: Path, ps: ParticleSet, st
                "rlnPixelSize": apix, "rlnTau2FudgeFactor": 4.0}
     classes = pd.DataFrame({"rlnReferenceImage": names, "rlnClassDistribution": state.class_fractions,
                             "rlnEstimatedResolution": res})
-    sigma = pd.DataFrame({"rlnSpectralIndex": np.arange(len(state.sigma2)), "rlnSigma2Noise": state.sigma2})
+    sigma = pd.DataFrame({"rlnSpectralIndex": np.arange(len(state.sigma2)), "rlnSigma2Noise": relion_power(state.sigma2, ps.box)})
     write_star(files.path(job / f"run_it{it:03d}_model.star"), {"model_general": general, "model_classes": classes,
                                                     "model_group_1": sigma})
     table = ps.table.copy()
