@@ -105,6 +105,24 @@ def test_a_mirrored_half_is_turned_onto_the_other_with_poses_that_project_the_sa
     assert max(agreement(transform_poses(poses, s0.T))) < 0.97
     assert not relative_orientation(vol, vol).mirrored
 
+    # in a refinement: half 2 (the particles of half 2 and their poses) had settled in the other hand and frame
+    from spa3d.jobs.refine3d import align_halves
+    from spa3d.maps.transform import fourier_resample
+
+    st = _state(angles=np.array([[10.0, 50.0, 80.0], [20.0, 60.0, 90.0], [-30.0, 100.0, 0.0], [170.0, 20.0, -60.0]]),
+                resolution_shell=12.0, reference_small=fourier_resample(vol, 32))
+    old = st.angles.copy()
+    maps = align_halves(np.stack([vol, other]), st, "C1", 5)
+    assert np.corrcoef(maps[1].ravel(), vol.ravel())[0, 1] > 0.95 and np.array_equal(maps[0], vol)
+    assert np.allclose(st.angles[st.halves == 0], old[st.halves == 0])  # half 1's poses untouched
+    moved = euler_to_matrix(*st.angles[st.halves == 1].T)
+    before = euler_to_matrix(*old[st.halves == 1].T)
+    # each moved pose projects the turned map as the old pose projected the old one: D·A·S
+    s_fit = np.linalg.inv(s0)  # other(S·x) ≈ vol(x)
+    assert np.allclose(moved, transform_poses(before, s_fit), atol=0.05)
+    again = st.angles.copy()
+    assert np.array_equal(align_halves(maps, st, "C1", 6), maps) and np.array_equal(st.angles, again)  # now agree
+
 
 # ---- a refinement of simulated particles (1TII, box 64, 2 Å/px, CTF, SNR 0.1) from the truth at 50 Å ----
 
