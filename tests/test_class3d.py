@@ -231,3 +231,26 @@ def test_estimate_before_launch_is_within_a_factor_of_two(mixture, classified, t
     assert main(["class3d", "--i", str(d / "picked.star"), "--ref", str(d / "reference.mrc"), "--o",
                  str(tmp_path / "dry"), "--K", "3", "--iter", "6", "--healpix-order", "1", "--dry-run", "--quiet"]) == 0
     assert not (tmp_path / "dry").exists()
+
+
+def test_search_grid_perturbation_as_relion():
+    """RELION's --perturb 0.5: each iteration the grid moves by a new fraction p of its steps, |p| ≤ 0.5 and
+    |Δp| ≥ 0.25 from one iteration to the next (modulo the wrap); rotations A·Euler(p·step, p·step, p·step),
+    translations + p·offset step. The same (seed, iteration) always gives the same grid; 0 turns it off."""
+    from spa3d.geometry.euler import euler_to_matrix
+    from spa3d.geometry.sampling import angular_step
+    from spa3d.inference.search import make_search_grid
+    from spa3d.jobs.class3d import Class3dOptions, grid_perturbation, perturbed_grid
+
+    ps_ = [grid_perturbation(0.5, 7, it) for it in range(1, 30)]
+    assert all(-0.5 <= p < 0.5 for p in ps_) and len(set(np.round(ps_, 9))) == len(ps_)
+    assert np.all(np.abs(np.diff(ps_)) >= 0.25 - 1e-9)
+    assert grid_perturbation(0.5, 7, 12) == ps_[11] and grid_perturbation(0.0, 7, 12) == 0.0
+    o = Class3dOptions(healpix_order=1, offset_range=3, offset_step=2, perturb=0.5, seed=7)
+    grid = make_search_grid(1, "C1", 3, 2)
+    moved = perturbed_grid(grid, 1, o, 5)
+    p = ps_[4]
+    r = euler_to_matrix(*(np.full((3, 1), p * angular_step(1))))[0]
+    assert np.allclose(moved.coarse_rot.numpy(), grid.coarse_rot.numpy() @ r, atol=1e-6)
+    assert np.allclose(moved.fine_trans.numpy(), grid.fine_trans.numpy() + p * 2, atol=1e-6)
+    assert perturbed_grid(grid, 1, Class3dOptions(perturb=0.0), 5) is grid

@@ -66,6 +66,9 @@ def add_ml_options(p: argparse.ArgumentParser, ini_high: float, maps: str) -> No
                    help="coarse HEALPix order (overrides --angular-sampling; 7.5° = 2)")
     p.add_argument("--offset-range", type=float, default=5.0, help="offset search range in pixels (default 5)")
     p.add_argument("--offset-step", type=float, default=1.0, help="offset search step in pixels (default 1)")
+    p.add_argument("--perturb", type=float, default=0.5,
+                   help="random perturbation of the search grid each iteration, as a fraction of the angular and "
+                   "offset steps (RELION's --perturb, default 0.5; 0: a fixed grid)")
     p.add_argument("--ini-high", type=float, default=ini_high,
                    help=f"initial low-pass of the reference in Å (default {ini_high:g})")
     p.add_argument("--particle-diameter", type=float, default=None, help="mask diameter in Å (default: the box)")
@@ -95,5 +98,5 @@ def ml_option_values(a) -> dict:
     return dict(healpix_order=order, offset_range=a.offset_range, offset_step=a.offset_step, ini_high=a.ini_high,
                 particle_diameter=a.particle_diameter, zero_mask=a.zero_mask, flatten_solvent=a.flatten_solvent,
                 ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak, ctf_phase_flipped=a.ctf_phase_flipped,
-                firstiter_cc=a.firstiter_cc, symmetry=a.sym, batch_size=a.batch_size, seed=a.seed, dry_run=a.dry_run,
+                firstiter_cc=a.firstiter_cc, perturb=a.perturb, symmetry=a.sym, batch_size=a.batch_size, seed=a.seed, dry_run=a.dry_run,
                 device=a.device, threads=a.threads, workers=a.workers, dask_scheduler=a.dask_scheduler)

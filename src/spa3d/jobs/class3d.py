@@ -121,6 +121,7 @@ class Class3dOptions:
     strict_highres_exp: float = -1.0
     skip_align: bool = False
     sigma_ang: float = -1.0  # degrees; > 0: local searches around the previous pose
+    perturb: float = 0.5  # RELION's --perturb: the global search grid moves by up to this fraction of its steps
     incr_size: int = 10
     adaptive_fraction: float = 0.999
     max_significant: int = 256
@@ -488,6 +489,36 @@ def _search_grid(order: int, o: Class3dOptions, device: torch.device) -> SearchG
     return _GRID_CACHE[key]
 
 
+def grid_perturbation(factor: float, seed: int, iteration: int) -> float:
+    """RELION's random perturbation of the sampling for ``iteration`` (a fraction of the steps, in [−factor,
+    factor)): each iteration adds a uniform draw from [factor/2, factor] to the last and wraps it
+    (HealpixSampling::resetRandomlyPerturbedSampling). Drawn from (seed, iteration) alone, so that a continued
+    run and every Dask worker get the same value."""
+    if factor <= 0:
+        return 0.0
+    rng = np.random.default_rng([seed, 31415])
+    p = 0.0
+    for _ in range(iteration):
+        p += rng.uniform(0.5 * factor, factor)
+        p = (p + factor) % (2 * factor) - factor
+    return float(p)
+
+
+def perturbed_grid(grid: SearchGrid, order: int, o: Class3dOptions, iteration: int) -> SearchGrid:
+    """The search grid of this iteration: every rotation A becomes A·R with R = Euler(p, p, p), p the
+    perturbation times the coarse angular step, and every translation moves by the perturbation times the offset
+    step in x and y (RELION's healpix_sampling.cpp), so that over the iterations the grid's points cover the
+    gaps between them."""
+    p = grid_perturbation(o.perturb, o.seed, iteration)
+    if p == 0.0:
+        return grid
+    a = p * angular_step(order)
+    r = torch.as_tensor(euler_to_matrix(np.array([a]), np.array([a]), np.array([a]))[0], dtype=grid.coarse_rot.dtype,
+                        device=grid.coarse_rot.device)
+    return SearchGrid(grid.coarse_rot @ r, grid.fine_rot @ r, grid.coarse_trans + p * o.offset_step,
+                      grid.fine_trans + p * o.offset_step)
+
+
 def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult:
     """E-step of one chunk of particles and their M-step sums (see :class:`EStepChunk`)."""
     o = ch.options
@@ -499,7 +530,8 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
     k_cls = len(ch.maps)
     mask2d = _image_mask(n, ch.radius_px)
     local = o.sigma_ang > 0 and not o.skip_align
-    grid = None if (o.skip_align or local) else _search_grid(ch.order, o, device)
+    grid = None if (o.skip_align or local) else perturbed_grid(_search_grid(ch.order, o, device), ch.order, o,
+                                                               ch.iteration)
     px_f = FourierPixels.make(n, ch.r_cur, device=device)
     px_c = FourierPixels.make(n, min(ch.r_cur, ch.r_coarse), device=device)
     projectors = [Projector(ch.maps[k], r_max=min(n // 2, ch.r_cur + 2), device=device) for k in range(k_cls)]
@@ -996,6 +1028,7 @@ CLI_OPTIONS = {"K": "n_classes", "iter": "n_iter", "tau2_fudge": "tau2_fudge", "
                "flatten_solvent": "flatten_solvent", "ctf": "ctf", "ctf_intact_first_peak": "ctf_intact_first_peak",
                "ctf_phase_flipped": "ctf_phase_flipped", "firstiter_cc": "firstiter_cc", "sym": "symmetry",
                "strict_highres_exp": "strict_highres_exp", "skip_align": "skip_align", "sigma_ang": "sigma_ang",
+               "perturb": "perturb",
                "fast_subsets": "fast_subsets", "batch_size": "batch_size", "seed": "seed", "device": "device",
                "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler",
                "dry_run": "dry_run"}

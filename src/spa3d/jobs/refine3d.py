@@ -101,6 +101,7 @@ class Refine3dOptions:
     ctf_intact_first_peak: bool = False
     ctf_phase_flipped: bool = False
     firstiter_cc: bool = False
+    perturb: float = 0.5  # RELION's --perturb (global searches)
     symmetry: str = "C1"
     tau2_fudge: float = 1.0
     incr_size: int = 10
@@ -659,7 +660,7 @@ def _estep_options(o: Refine3dOptions, k: int, sigma_ang: float, order: int, off
     return Class3dOptions(n_classes=k, healpix_order=order, offset_range=offset_range, offset_step=offset_step,
                           zero_mask=o.zero_mask, ctf=o.ctf, ctf_intact_first_peak=o.ctf_intact_first_peak,
                           ctf_phase_flipped=o.ctf_phase_flipped, firstiter_cc=o.firstiter_cc, symmetry=o.symmetry,
-                          sigma_ang=sigma_ang, adaptive_fraction=o.adaptive_fraction,
+                          sigma_ang=sigma_ang, perturb=o.perturb, adaptive_fraction=o.adaptive_fraction,
                           max_significant=o.max_significant, marginalise_broad=False, batch_size=o.batch_size,
                           seed=o.seed, device=o.device, threads=o.threads, coarse_warmup=False)
 
@@ -781,7 +782,7 @@ CLI_OPTIONS = {"angular_sampling": "healpix_order", "healpix_order": "healpix_or
                "flatten_solvent": "flatten_solvent", "solvent_mask": "solvent_mask", "rescale_ref": "rescale_ref",
                "ctf": "ctf",
                "ctf_intact_first_peak": "ctf_intact_first_peak", "ctf_phase_flipped": "ctf_phase_flipped",
-               "firstiter_cc": "firstiter_cc", "sym": "symmetry", "tau2_fudge": "tau2_fudge",
+               "firstiter_cc": "firstiter_cc", "perturb": "perturb", "sym": "symmetry", "tau2_fudge": "tau2_fudge",
                "max_iter": "max_iter", "low_resol_join_halves": "low_resol_join_halves",
                "no_align_halves": "align_halves", "batch_size": "batch_size", "seed": "seed", "device": "device",
                "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler", "dry_run": "dry_run"}
