@@ -59,7 +59,7 @@ from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels, residual_power
-from spa3d.inference.search import coarse_radius
+from spa3d.inference.search import coarse_radius, make_search_grid
 from spa3d.io.atomic_write import atomic_path
 from spa3d.io.mrc import read_map, write_map
 from spa3d.io.particles import ParticleSet
@@ -569,13 +569,15 @@ def _chunk_maker(ps, half_map, st, it, bs, o, e_opts, r_cur, r_coarse, hard, rad
 # iterations the estimate assumes at each stage (RELION's usual course; the data decide)
 EST_GLOBAL_ITERATIONS, EST_ORDER_ITERATIONS, EST_LOCAL_ITERATIONS = 10, 3, 4
 EST_SIGNIFICANT = 4  # significant samples per particle after the first iterations (1–3 in the runs measured)
+EST_BATCH = 32  # particles timed per stage (the coarse grid's projections, shared by a batch, timed apart)
 
 
 def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: float, radius_px: float,
               groups: np.ndarray, n_groups: int):
     """Expected wall time, peak memory and poses of a refinement (see :mod:`spa3d.jobs.estimate`).
 
-    Times the E-step of one batch of particles at each stage of the usual course: global searches at the first order
+    Times the E-step of 32 particles at each stage of the usual course, and apart the projections of the coarse grid
+    that a batch of the run's size shares: global searches at the first order
     (at the first radius and at 70 % of Nyquist, where the radius usually settles), one order finer, local
     searches at the auto-local order, and the final iteration's local searches to Nyquist (all but the first
     with at most EST_SIGNIFICANT significant samples per particle, as in a refinement under way); plus the
@@ -601,15 +603,26 @@ def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: f
         n_coarse = (len(oversampled_orientations(order, o.symmetry)[0]) * len(oversampled_translations(rng_, step_)[0])
                      if sigma_ang <= 0 else 64)
         bs = o.batch_size or _batch_size(e_opts, 1, n_coarse, device)
-        e_opts.batch_size = bs  # the run's batch size: the projections of a batch's rotations are shared by its images
-        sel = np.nonzero(st.halves == 0)[0][:bs]
+        b_cal = min(bs, EST_BATCH)
+        e_opts.batch_size = b_cal
+        sel = np.nonzero(st.halves == 0)[0][:b_cal]
         if sharp:  # against the low-passed reference every pose looks alike; a refinement's posteriors are sharp
             e_opts.max_significant = EST_SIGNIFICANT
-        chunk = _chunk_maker(ps, maps[0:1], cal, 1, bs, o, e_opts, r_cur, coarse_radius(order, diameter, n, apix),
-                             False, radius_px, scale_all, groups, n_groups, 0)
+        r_coarse = coarse_radius(order, diameter, n, apix)
+        chunk = _chunk_maker(ps, maps[0:1], cal, 1, b_cal, o, e_opts, r_cur, r_coarse, False, radius_px, scale_all,
+                             groups, n_groups, 0)
         t = time.perf_counter()
         res = estep_chunk(chunk(sel, 0, str(device)))
-        return (time.perf_counter() - t) / len(sel), res
+        t_batch = time.perf_counter() - t
+        t_proj = 0.0
+        if sigma_ang <= 0 and bs > b_cal:  # a batch projects the coarse grid once for all its images
+            grid = make_search_grid(order, o.symmetry, rng_, step_, device)
+            px = FourierPixels.make(n, min(r_cur, r_coarse), device=device)
+            proj = Projector(maps[0], r_max=min(n // 2, r_cur + 2), device=device)
+            t = time.perf_counter()
+            proj.project_pixels(grid.coarse_rot, px.kx, px.ky)
+            t_proj = min(time.perf_counter() - t, t_batch)
+        return (t_batch - t_proj) / len(sel) + t_proj / min(bs, len(ps)), res
 
     timed(st.order, 0.0, r_first)  # one-off costs
     stages = []  # (iterations, seconds per particle, extra seconds per iteration)
