@@ -36,6 +36,11 @@ from spa3d.fourier.projector import Projector
 from spa3d.inference.likelihood import FourierPixels, coarse_terms, residual_power, residual_power_terms
 
 
+#: on a GPU, the fine pass's pairs are processed in chunks of about this many bytes of operands (on the CPU the
+#: compiled kernels take them all at once, the torch code in chunks of ``pair_chunk``)
+GPU_CHUNK_BYTES = 1 << 30
+
+
 @dataclass
 class SearchGrid:
     """Coarse and fine (oversampled ×8 rotations, ×4 translations) search grids."""
@@ -317,14 +322,17 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     # interleaved (re, im) real views: one real batched product gives Re Σ conj(a)·P without copies
     table_ri = torch.view_as_real(table).reshape(len(table), -1)  # (U, 2P)
     n_p = xf.shape[1]
-    cross_all = kernels.fine_cross(xf * (cf * wf), phases_f, table, img, child_t, inv)
+    if dev.type != "cpu":  # few large launches: a chunk's operands take about 100·P bytes per pair
+        pair_chunk = max(pair_chunk, int(GPU_CHUNK_BYTES // (100 * n_p)))
+    xw = xf * (cf * wf)
+    cross_all = kernels.fine_cross(xw, phases_f, table, img, child_t, inv)
     for s0 in range(0, n_pairs, pair_chunk):
         s1 = min(n_pairs, s0 + pair_chunk)
         ii = img[s0:s1]
         if cross_all is not None:
             cross = cross_all[s0:s1]
         else:
-            a = (xf * (cf * wf))[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
+            a = xw[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
             proj = table_ri[inv[s0:s1]]  # (s, 8, 2P)
             cross = torch.bmm(torch.view_as_real(a).reshape(-1, 4, 2 * n_p), proj.transpose(1, 2))  # (s, 4, 8)
         power = power_all[ii[:, None], inv[s0:s1]][:, None, :]  # (s, 1, 8)
