@@ -936,12 +936,13 @@ def _estimate(ps, maps, st, o: Class3dOptions, bs: int, device, n_warm: int, dia
     classification stops growing after a few iterations; where it goes on, the estimate is low); the time
     per particle is a + b·radius² between the two timings.
     """
-    from spa3d.jobs.estimate import Estimate, host_peak_bytes
+    from spa3d.jobs.estimate import Estimate, host_peak_bytes, synchronize, timed_reconstruction
 
     t0 = time.perf_counter()
     n, apix = ps.box, ps.pixel_size
     k_cls = len(maps)
-    sel = np.arange(min(len(ps), bs, 64))
+    # on a GPU a batch's time hardly depends on its size (kernel launches): time a whole batch there
+    sel = np.arange(min(len(ps), bs, 64 if device.type == "cpu" else bs))
     r_lo = float(min(n // 2 - 1, st.r_current))
     r_hi = float(min(n // 2 - 1, r_lo + 2 * o.incr_size))
     cal = dataclasses.replace(o, fast_subsets=False)
@@ -952,6 +953,7 @@ def _estimate(ps, maps, st, o: Class3dOptions, bs: int, device, n_warm: int, dia
                         st.group_scale[groups][sel], groups[sel], n_groups, np.full(len(sel), -1), np.arange(len(sel)) % 2, cal,
                         order, r_cur,
                         o.coarse_radius_px or coarse_radius(order, diameter, n, apix), False, radius_px, str(device))
+        synchronize(device)
         t = time.perf_counter()
         res = estep_chunk(ch)
         return (time.perf_counter() - t) / len(sel), res
@@ -961,9 +963,7 @@ def _estimate(ps, maps, st, o: Class3dOptions, bs: int, device, n_warm: int, dia
     per_hi, res = timed(o.healpix_order, r_hi)
     bp = BackProjector(n, r_max=r_hi, device=device)
     bp.acc = res.acc[0].to(device)
-    t = time.perf_counter()
-    bp.reconstruct(tau2=np.ones(n // 2 + 1), unregularised_where_tau2_zero=True)
-    t_rec = time.perf_counter() - t
+    t_rec = timed_reconstruction(bp, device)
     slope = (per_hi - per_lo) / max(r_hi**2 - r_lo**2, 1e-9)
     rng = np.random.default_rng(0)
     total, r = 0.0, r_lo

@@ -45,6 +45,24 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (before reading a clock); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_reconstruction(bp, device: torch.device) -> float:
+    """Seconds of one reconstruction of back-projector ``bp`` (on a GPU after one untimed: the first builds
+    the FFT plans)."""
+    if device.type == "cuda":
+        bp.reconstruct(tau2=np.ones(bp.n // 2 + 1), unregularised_where_tau2_zero=True)
+    synchronize(device)
+    t = time.perf_counter()
+    bp.reconstruct(tau2=np.ones(bp.n // 2 + 1), unregularised_where_tau2_zero=True)
+    synchronize(device)
+    return time.perf_counter() - t
+
+
 def host_peak_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 

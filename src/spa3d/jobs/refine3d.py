@@ -584,8 +584,8 @@ def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: f
     reconstructions, the accuracy estimate and the half-map comparison of one iteration. The stages are
     weighted by EST_*_ITERATIONS; a run that stays longer at one sampling takes longer.
     """
-    from spa3d.jobs.estimate import Estimate, host_peak_bytes
     from spa3d.jobs.class3d import estep_chunk
+    from spa3d.jobs.estimate import Estimate, host_peak_bytes, synchronize, timed_reconstruction
 
     t0 = time.perf_counter()
     n, apix = ps.box, ps.pixel_size
@@ -603,7 +603,8 @@ def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: f
         n_coarse = (len(oversampled_orientations(order, o.symmetry)[0]) * len(oversampled_translations(rng_, step_)[0])
                      if sigma_ang <= 0 else 64)
         bs = o.batch_size or _batch_size(e_opts, 1, n_coarse, device)
-        b_cal = min(bs, EST_BATCH)
+        # on a GPU a batch's time hardly depends on its size (kernel launches): time a whole batch there
+        b_cal = min(bs, EST_BATCH if device.type == "cpu" else bs)
         e_opts.batch_size = b_cal
         sel = np.nonzero(st.halves == 0)[0][:b_cal]
         if sharp:  # against the low-passed reference every pose looks alike; a refinement's posteriors are sharp
@@ -611,6 +612,7 @@ def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: f
         r_coarse = coarse_radius(order, diameter, n, apix)
         chunk = _chunk_maker(ps, maps[0:1], cal, 1, b_cal, o, e_opts, r_cur, r_coarse, False, radius_px, scale_all,
                              groups, n_groups, 0)
+        synchronize(device)
         t = time.perf_counter()
         res = estep_chunk(chunk(sel, 0, str(device)))
         t_batch = time.perf_counter() - t
@@ -636,9 +638,7 @@ def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: f
     t_acc = time.perf_counter() - t
     bp = BackProjector(n, r_max=r_mid, device=device)
     bp.acc = res.acc[0].to(device)
-    t = time.perf_counter()
-    bp.reconstruct(tau2=np.ones(n // 2 + 1), unregularised_where_tau2_zero=True)
-    t_rec = time.perf_counter() - t
+    t_rec = timed_reconstruction(bp, device)
     per_it = 2 * t_rec + t_acc
     if st.order < o.auto_local_healpix_order:
         stages.append((1, per_first, per_it))
