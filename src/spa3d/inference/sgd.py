@@ -56,6 +56,7 @@ class SgdSchedule:
     fin_resol: float = 15.0  # Å
     ini_subset: int = 100
     fin_subset: int = 500
+    ramp: str = "shells"  # "shells": RELION's resolution ramp, linear in Fourier shells; "angstrom": linear in Å
 
     @property
     def total(self) -> int:
@@ -72,6 +73,27 @@ class SgdSchedule:
         res = self.ini_resol + f * (self.fin_resol - self.ini_resol)
         sub = int(round(self.ini_subset + f * (self.fin_subset - self.ini_subset)))
         return res, sub
+
+    def resolution(self, it: int, box: int, pixel_size: float) -> float:
+        """Resolution (Å) that iteration ``it`` (1-based) works at, for images of ``box`` pixels of ``pixel_size`` Å.
+
+        ``ramp="shells"`` is RELION's rule (ml_optimiser.cpp, updateCurrentResolution): set after iteration
+        it − 1 for iteration it, the initial resolution while it − 1 < ini_iter, then linear in Fourier shells,
+        ROUND(N·apix/ini) + ROUND((it − 1 − ini_iter)/inbetween_iter · (ROUND(N·apix/fin) − ROUND(N·apix/ini))),
+        and the final resolution from iteration ini_iter + inbetween_iter + 1. ``ramp="angstrom"``: linear in
+        Å from iteration ini_iter + 1 (spa3d's rule before 2026-11-27, :meth:`at`).
+        """
+        if self.ramp == "angstrom":
+            return self.at(it)[0]
+        prev = it - 1
+        if prev < self.ini_iter:
+            return self.ini_resol
+        if prev >= self.ini_iter + self.inbetween_iter:
+            return self.fin_resol
+        extent = box * pixel_size
+        ini_px, fin_px = np.floor(extent / self.ini_resol + 0.5), np.floor(extent / self.fin_resol + 0.5)
+        shell = ini_px + np.floor((prev - self.ini_iter) / max(self.inbetween_iter, 1) * (fin_px - ini_px) + 0.5)
+        return float(extent / max(shell, 1.0))
 
 
 @dataclass
@@ -117,6 +139,8 @@ class SgdOptions:
     step_size: float = 0.5
     momentum: float = 0.9
     tau2_fudge: float = 4.0
+    positivity: str = "initial"  # negative densities set to 0 (with flatten_solvent): "initial" phase only (RELION), "always"
+    anneal: bool = True  # K > 1: classes drawn towards their mean until the in-between phase ends (RELION)
     symmetry_ops: np.ndarray | None = None  # (G, 3, 3) point group imposed on every mini-batch reconstruction
     device: torch.device | None = None  # where the E-step and back-projection run (default CPU)
     incr_size: float = 10.0  # Fourier shells searched and reconstructed beyond the scheduled resolution
@@ -185,12 +209,28 @@ def initial_state(ps: ParticleSet, o: SgdOptions, schedule: SgdSchedule, rng: np
     return SgdState(maps, np.zeros_like(maps), sigma2, np.full(o.n_classes, 1.0 / o.n_classes), 0)
 
 
-def _flatten(v: np.ndarray, o: SgdOptions, apix: float) -> np.ndarray:
+def _flatten(v: np.ndarray, o: SgdOptions, apix: float, positive: bool = True) -> np.ndarray:
+    """Solvent flattening (with ``o.flatten_solvent``): negative densities set to zero when ``positive`` (RELION:
+    while iteration < sgd_ini_iter, ml_optimiser.cpp solventFlatten), then the particle's soft sphere."""
     if not o.flatten_solvent:
         return v.astype(np.float32)
     n = v.shape[0]
-    v = v * soft_sphere(n, o.particle_diameter / (2 * apix), 3.0)
-    return np.clip(v, 0, None).astype(np.float32)
+    if positive:
+        v = np.clip(v, 0, None)
+    return (v * soft_sphere(n, o.particle_diameter / (2 * apix), 3.0)).astype(np.float32)
+
+
+def anneal_classes(maps: np.ndarray, it: int, schedule: SgdSchedule) -> np.ndarray:
+    """RELION's annealing of K > 1 SGD references (ml_optimiser.cpp, maximization): until the in-between phase
+    ends each class becomes frac·V_k + (1 − frac)·mean_k V_k, frac = (it − ini_iter)/inbetween_iter.
+
+    RELION's formula makes frac negative in the initial phase, which flips every class's difference from the
+    mean at each iteration; spa3d takes frac = 0 there, i.e. identical references, as RELION's own comment on
+    the initial phase says ("completely identical K references")."""
+    if len(maps) < 2 or it >= schedule.ini_iter + schedule.inbetween_iter:
+        return maps
+    frac = max(0.0, (it - schedule.ini_iter) / max(schedule.inbetween_iter, 1))
+    return (frac * maps + (1.0 - frac) * maps.mean(0, keepdims=True)).astype(maps.dtype)
 
 
 def _estep_minibatch(ps: ParticleSet, idx: np.ndarray, maps: np.ndarray, sigma2: np.ndarray,
@@ -275,7 +315,9 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
     """
     it = state.iteration + 1
     n, apix = ps.box, ps.pixel_size
-    res, subset = schedule.at(it)
+    subset = schedule.at(it)[1]
+    res = schedule.resolution(it, n, apix)
+    positive = o.positivity == "always" or it < schedule.ini_iter
     # as RELION: the E-step and the reconstruction reach ``incr_size`` shells beyond the scheduled resolution
     r_cur = min(n // 2, n * apix / res + o.incr_size)
     res_eff = n * apix / r_cur
@@ -316,7 +358,7 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
         tau2 = (o.tau2_fudge * power / np.maximum(state.sigma2, 1e-12))
         if full_pass:  # EM: the reference becomes the reconstruction of all particles
             v_new = bps[k].reconstruct(symmetry_ops=o.symmetry_ops, tau2=tau2).cpu().numpy()
-            v_new = _flatten(lowpass(v_new, apix, res_eff), o, apix)
+            v_new = _flatten(lowpass(v_new, apix, res_eff), o, apix, positive)
             state.momentum[k] = v_new - state.maps[k]
             state.maps[k] = v_new
             continue
@@ -326,7 +368,9 @@ def sgd_iteration(ps: ParticleSet, state: SgdState, o: SgdOptions, schedule: Sgd
         grad = bps[k].reconstruct(symmetry_ops=o.symmetry_ops, tau2=tau2, unregularised_where_tau2_zero=True)
         grad = lowpass(grad.cpu().numpy(), apix, res_eff)
         state.momentum[k] = o.momentum * state.momentum[k] + (1 - o.momentum) * o.step_size * grad
-        state.maps[k] = _flatten(lowpass(state.maps[k] + state.momentum[k], apix, res_eff), o, apix)
+        state.maps[k] = _flatten(lowpass(state.maps[k] + state.momentum[k], apix, res_eff), o, apix, positive)
+    if o.anneal and not full_pass:
+        state.maps = anneal_classes(state.maps, it, schedule)
     state.iteration = it
     return {"iteration": it, "resolution": res, "subset": len(idx), "indices": idx, "posterior": post,
             "estep_seconds": t_estep,

@@ -67,13 +67,14 @@ def host_peak_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def estimate_initial_model(ps, state, opts, schedule, device: torch.device) -> Estimate:
+def estimate_initial_model(ps, state, opts, schedule, device: torch.device, opts_at=None) -> Estimate:
     """Estimate of an SGD initial model (:func:`spa3d.inference.sgd.sgd_iteration`) from ``state`` on.
 
-    Times the first and the last mini-batch iterations of the schedule (the
-    time of the others is interpolated as the schedule interpolates the
-    resolution and mini-batch size between them) and, when the run ends with
-    EM passes over all particles, one chunk of such a pass.
+    ``opts_at(it)``: the options of iteration ``it`` where the angular sampling changes during the run
+    (default: ``opts`` throughout). Within each stretch of iterations at one sampling, times its first and
+    last mini-batch iterations (the time of the others is interpolated as the schedule interpolates the
+    resolution and mini-batch size between them) and, when the run ends with EM passes over all particles,
+    one chunk of such a pass.
     """
     from spa3d.inference.sgd import _estep_minibatch, sgd_iteration
 
@@ -81,20 +82,32 @@ def estimate_initial_model(ps, state, opts, schedule, device: torch.device) -> E
     rng = np.random.default_rng(2**31 - 1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    opts_at = opts_at or (lambda it: opts)
     last_sgd = schedule.total - opts.final_em
     first = max(state.iteration + 1, 1)
 
     def timed_iteration(it: int) -> tuple[float, float]:
         st = copy.deepcopy(state)
         st.iteration = it - 1
+        synchronize(device)
         t = time.perf_counter()
-        out = sgd_iteration(ps, st, opts, schedule, rng)
+        out = sgd_iteration(ps, st, opts_at(it), schedule, rng)
+        synchronize(device)
         return time.perf_counter() - t, float(np.mean(np.maximum(out["posterior"].n_significant, 0)))
 
-    a_it, b_it = min(first, last_sgd), last_sgd
+    # stretches of iterations searched at one sampling
+    stretches: list[list[int]] = []
+    for it in range(first, last_sgd + 1):
+        o_it = opts_at(it)
+        if stretches and opts_at(stretches[-1][0]) is o_it:
+            stretches[-1].append(it)
+        else:
+            stretches.append([it])
     total, n_sig, t_b = 0.0, [], 0.0
-    if b_it >= 1:
-        timed_iteration(a_it)  # the first call pays one-off costs (allocations, caches)
+    if stretches:
+        timed_iteration(stretches[0][0])  # the first call pays one-off costs (allocations, caches)
+    for its in stretches:
+        a_it, b_it = its[0], its[-1]
         t_a, ns = timed_iteration(a_it)
         n_sig.append(ns)
         t_b = t_a
@@ -103,25 +116,28 @@ def estimate_initial_model(ps, state, opts, schedule, device: torch.device) -> E
             n_sig.append(ns)
         # the iterations in between: interpolated as the schedule interpolates resolution and mini-batch size
         f_a, f_b = _schedule_fraction(schedule, a_it), _schedule_fraction(schedule, b_it)
-        for it in range(first, b_it + 1):
+        for it in its:
             g = (_schedule_fraction(schedule, it) - f_a) / (f_b - f_a) if f_b > f_a else 0.0
             total += t_a + g * (t_b - t_a)
+    o_last = opts_at(schedule.total)
     if opts.final_em > 0 and state.iteration < schedule.total:
         # one chunk of the full pass at the final resolution, E-step and sums only, then its reconstruction time
         n, apix = ps.box, ps.pixel_size
         res, _ = schedule.at(schedule.total)
         r_cur = min(n // 2, n * apix / res + opts.incr_size)
         chunk = np.arange(min(len(ps), 100))
-        o_full = opts if opts.final_translations is None else dataclasses.replace(
-            opts, translations=opts.final_translations)
+        o_full = o_last if o_last.final_translations is None else dataclasses.replace(
+            o_last, translations=o_last.final_translations)
+        synchronize(device)
         t = time.perf_counter()
         _estep_minibatch(ps, chunk, state.maps, state.sigma2, state.class_fractions, o_full, r_cur, False)
+        synchronize(device)
         per_particle = (time.perf_counter() - t) / len(chunk)
         total += opts.final_em * (per_particle * len(ps) + t_b * 0.25)
-    if opts.search is not None:
-        poses = len(opts.search.coarse_rot) * len(opts.search.coarse_trans) + 32 * float(np.mean(n_sig or [0]))
+    if o_last.search is not None:
+        poses = len(o_last.search.coarse_rot) * len(o_last.search.coarse_trans) + 32 * float(np.mean(n_sig or [0]))
     else:
-        poses = len(opts.rotations) * len(opts.translations)
+        poses = len(o_last.rotations) * len(o_last.translations)
     gpu = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
     return Estimate(total, host_peak_bytes(), gpu, poses * opts.n_classes, time.perf_counter() - t_start)
 

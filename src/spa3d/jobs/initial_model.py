@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import pandas as pd
 from spa3d.errors import InputError
 from spa3d.fourier.filters import relion_power
 from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
-from spa3d.geometry.sampling import orientation_grid, translation_grid
+from spa3d.geometry.sampling import angular_step, orientation_grid, translation_grid
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.search import coarse_radius, make_search_grid
 from spa3d.inference.sgd import SgdOptions, SgdSchedule, SgdState, initial_state, sgd_iteration
@@ -54,6 +55,10 @@ class InitialModelOptions:
     step_size: float = 0.5  # SGD step size η (RELION's default)
     momentum: float = 0.9  # SGD momentum μ (RELION's default)
     final_em: int = 1  # the last iterations done as EM steps over all particles (spa3d's default 1; RELION 0)
+    tau2_fudge: float = 4.0  # regularisation T of every gradient step (spa3d's default; RELION's InitialModel: 1)
+    positivity: str = "initial"  # negative densities zeroed: "initial" phase only (RELION) or "always"
+    sampling_refinement: bool = True  # finer HEALPix order after the initial phase when the resolution needs it
+    anneal: bool = True  # K > 1: RELION's annealing of the classes towards their mean (--sgd-skip-anneal: off)
     exhaustive: bool = False  # every pose at the fine sampling, instead of coarse-to-fine (RELION's oversampling)
     coarse_radius_px: float | None = None  # radius of the coarse pass (cycles per box; default RELION's rule)
     estimate: bool = True  # log the expected wall time and memory first (a short calibration)
@@ -97,7 +102,7 @@ def _write_iteration_files(files: IterationFiles, job: Path, ps: ParticleSet, st
         names.append(str(name))
     general = {"rlnReferenceDimensionality": 3, "rlnDataDimensionality": 2, "rlnOriginalImageSize": ps.box,
                "rlnCurrentResolution": res, "rlnCurrentImageSize": ps.box, "rlnNrClasses": len(state.maps),
-               "rlnPixelSize": apix, "rlnTau2FudgeFactor": 4.0}
+               "rlnPixelSize": apix, "rlnTau2FudgeFactor": o.tau2_fudge}
     classes = pd.DataFrame({"rlnReferenceImage": names, "rlnClassDistribution": state.class_fractions,
                             "rlnEstimatedResolution": res})
     sigma = pd.DataFrame({"rlnSpectralIndex": np.arange(len(state.sigma2)), "rlnSigma2Noise": relion_power(state.sigma2, ps.box)})
@@ -172,18 +177,15 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
     if o.particle_diameter / apix > ps.box:
         log.info(f"particle diameter {o.particle_diameter} Å exceeds the box; using the box")
         o.particle_diameter = ps.box * apix
-    grid = orientation_grid(o.healpix_order + 1, o.symmetry)
-    search = None if o.exhaustive else make_search_grid(o.healpix_order, o.symmetry, o.offset_range, o.offset_step,
-                                                         device)
     opts = SgdOptions(n_classes=o.n_classes, particle_diameter=o.particle_diameter, flatten_solvent=o.flatten_solvent,
                       ctf=o.ctf, ctf_intact_first_peak=o.ctf_intact_first_peak, ctf_phase_flipped=o.ctf_phase_flipped,
-                      rotations=euler_to_matrix(*grid.T), translations=translation_grid(o.offset_range, o.offset_step),
+                      translations=translation_grid(o.offset_range, o.offset_step),
                       offset_sigma_px=max(o.offset_range / 2, 1.0), symmetry_ops=symmetry_matrices(o.symmetry),
                       device=device, incr_size=o.incr_size, step_size=o.step_size, momentum=o.momentum,
-                      final_em=o.final_em, final_translations=translation_grid(o.offset_range, o.offset_step / 2),
-                      search=search, coarse_radius_px=o.coarse_radius_px or coarse_radius(o.healpix_order,
-                                                                                          o.particle_diameter, ps.box,
-                                                                                          apix))
+                      tau2_fudge=o.tau2_fudge, positivity=o.positivity, anneal=o.anneal, final_em=o.final_em,
+                      final_translations=translation_grid(o.offset_range, o.offset_step / 2))
+    order = sampling_order(o, sched, state.iteration + 1 if continue_from else 1, ps.box, apix)
+    opts, grid, search = _with_sampling(opts, o, order, ps.box, apix, device)
     if not continue_from:
         rng = np.random.default_rng(o.seed)
         state = initial_state(ps, opts, sched, rng)
@@ -196,7 +198,15 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
     log.info(f"initial model: {len(ps)} particles, box {ps.box}, {apix:.3f} Å/px, K={o.n_classes}, {how}, "
              f"{sched.total} iterations")
     if o.estimate or o.dry_run:
-        est = estimate_initial_model(ps, state, opts, sched, device)
+        by_order = {order: opts}
+
+        def opts_at(it: int) -> SgdOptions:  # the options of iteration ``it``, at its angular sampling
+            k = sampling_order(o, sched, it, ps.box, apix)
+            if k not in by_order:
+                by_order[k] = _with_sampling(opts, o, k, ps.box, apix, device)[0]
+            return by_order[k]
+
+        est = estimate_initial_model(ps, state, opts, sched, device, opts_at)
         for line in est.lines():
             log.info(line)
         if o.dry_run:
@@ -204,10 +214,17 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
     poses: dict[int, tuple] = {}
     start = time.perf_counter()
     first_it = state.iteration
-    res = sched.at(max(state.iteration, 1))[0]
+    res = sched.resolution(max(state.iteration, 1), ps.box, apix)
     rate = EStepRate()
     while state.iteration < sched.total:
         t0 = time.perf_counter()
+        new_order = sampling_order(o, sched, state.iteration + 1, ps.box, apix)
+        if new_order != order:
+            order = new_order
+            opts, grid, search = _with_sampling(opts, o, order, ps.box, apix, device)
+            log.info(f"iteration {state.iteration + 1}: angular sampling {angular_step(order + 1):g}° "
+                     f"({len(grid)} orientations; the resolution {sched.resolution(state.iteration + 1, ps.box, apix):.1f} "
+                     f"Å needs ≤ {360.0 / math.ceil(math.pi * o.particle_diameter / sched.resolution(state.iteration + 1, ps.box, apix)):.1f}°)")
         out = sgd_iteration(ps, state, opts, sched, rng, cluster)
         post = out["posterior"]
         res = out["resolution"]
@@ -230,6 +247,32 @@ def _run_initial_model(star, job_dir, o: InitialModelOptions, continue_from, clu
     return state
 
 
+def sampling_order(o: InitialModelOptions, sched: SgdSchedule, it: int, box: int, pixel_size: float) -> int:
+    """The coarse HEALPix order of iteration ``it`` (its fine step is one order finer).
+
+    RELION's rule for SGD (ml_optimiser.cpp, updateAngularSampling, at the start of each iteration after the
+    initial phase): one order finer whenever the fine step exceeds 360°/⌈π·D/res⌉, D the particle diameter and
+    res the iteration's resolution (Å). Without ``o.sampling_refinement`` the order stays ``o.healpix_order``.
+    """
+    order = o.healpix_order
+    if not o.sampling_refinement:
+        return order
+    for i in range(sched.ini_iter + 1, it + 1):
+        res = sched.resolution(i, box, pixel_size)
+        if angular_step(order + 1) > 360.0 / math.ceil(math.pi * o.particle_diameter / res):
+            order += 1
+    return order
+
+
+def _with_sampling(opts: SgdOptions, o: InitialModelOptions, order: int, box: int, pixel_size: float, device):
+    """``opts`` searching at coarse HEALPix ``order`` (fine: order + 1), the fine orientation grid and the search."""
+    grid = orientation_grid(order + 1, o.symmetry)
+    search = None if o.exhaustive else make_search_grid(order, o.symmetry, o.offset_range, o.offset_step, device)
+    radius = o.coarse_radius_px or coarse_radius(order, o.particle_diameter, box, pixel_size)
+    return dataclasses.replace(opts, rotations=euler_to_matrix(*grid.T), search=search,
+                               coarse_radius_px=radius), grid, search
+
+
 # ---- command line: ``spa3d initial-model`` ----
 
 DESCRIPTION = ("Build a 3D map from particles alone by stochastic gradient descent. Defaults are the RELION "
@@ -246,7 +289,9 @@ CLI_OPTIONS = {"K": "n_classes", "sym": "symmetry", "particle_diameter": "partic
                "sgd_fin_resol": "schedule.fin_resol", "sgd_ini_subset": "schedule.ini_subset",
                "sgd_fin_subset": "schedule.fin_subset", "sgd_write_iter": "write_iter",
                "incr_size": "incr_size", "sgd_stepsize": "step_size", "mu": "momentum", "final_em": "final_em",
-               "exhaustive_search": "exhaustive", "dry_run": "dry_run",
+               "exhaustive_search": "exhaustive", "dry_run": "dry_run", "tau2_fudge": "tau2_fudge",
+               "positivity": "positivity", "sampling_refinement": "sampling_refinement",
+               "sgd_skip_anneal": "anneal", "sgd_resol_ramp": "schedule.ramp",
                "seed": "seed", "device": "device", "threads": "threads", "workers": "workers",
                "dask_scheduler": "dask_scheduler"}
 
@@ -285,6 +330,19 @@ def add_args(p) -> None:
     p.add_argument("--final-em", type=int, default=1,
                    help="the last N iterations are EM steps over all particles, offsets searched at half the "
                         "step (default 1; 0 is RELION's behaviour)")
+    p.add_argument("--tau2-fudge", type=float, default=4.0,
+                   help="regularisation parameter T of every gradient step (default 4; RELION's InitialModel uses 1)")
+    p.add_argument("--positivity", choices=("initial", "always"), default="initial",
+                   help="with --flatten-solvent, set negative densities to zero during the initial phase only "
+                        "(RELION's, default) or in every iteration")
+    p.add_argument("--sampling-refinement", action=argparse.BooleanOptionalAction, default=True,
+                   help="after the initial phase, halve the angular step whenever the resolution needs it "
+                        "(360°/ceil(π·diameter/resolution); RELION's, default on)")
+    p.add_argument("--sgd-skip-anneal", action="store_true",
+                   help="K > 1: no annealing of the classes towards their mean (RELION's --sgd_skip_anneal)")
+    p.add_argument("--sgd-resol-ramp", choices=("shells", "angstrom"), default="shells",
+                   help="the resolution's ramp in the in-between phase: linear in Fourier shells (RELION's, "
+                        "default) or in Å")
     p.add_argument("--exhaustive-search", action="store_true",
                    help="score every pose at the fine sampling (default: coarse-to-fine, RELION's adaptive "
                         "oversampling: a coarse pass at the --angular-sampling step, then the significant poses' "
@@ -300,13 +358,15 @@ def main(a) -> None:
 
     order = a.healpix_order if a.healpix_order is not None else healpix_order_for_sampling(a.angular_sampling)
     sched = SgdSchedule(a.sgd_ini_iter, a.sgd_inbetween_iter, a.sgd_fin_iter, a.sgd_ini_resol, a.sgd_fin_resol,
-                        a.sgd_ini_subset, a.sgd_fin_subset)
+                        a.sgd_ini_subset, a.sgd_fin_subset, a.sgd_resol_ramp)
     o = InitialModelOptions(n_classes=a.K, symmetry=a.sym, particle_diameter=a.particle_diameter,
                             flatten_solvent=a.flatten_solvent, ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak,
                             ctf_phase_flipped=a.ctf_phase_flipped, healpix_order=order, offset_range=a.offset_range,
                             offset_step=a.offset_step, schedule=sched, write_iter=a.sgd_write_iter, seed=a.seed,
                             incr_size=a.incr_size, step_size=a.sgd_stepsize, momentum=a.mu, final_em=a.final_em,
                             exhaustive=a.exhaustive_search, dry_run=a.dry_run, workers=a.workers,
+                            tau2_fudge=a.tau2_fudge, positivity=a.positivity,
+                            sampling_refinement=a.sampling_refinement, anneal=not a.sgd_skip_anneal,
                             dask_scheduler=a.dask_scheduler, device=a.device, threads=a.threads)
     start_log(a)
     run_initial_model(a.i, a.o, o, continue_from=a.continue_from, given=given_options(a, CLI_OPTIONS))
