@@ -4,7 +4,8 @@ State: K reference maps V_k, their last update Δ_k (momentum), the noise
 power σ² per shell, class fractions. Each iteration takes a random
 mini-batch, runs the E-step against the current references at the current
 resolution (both grow on RELION's schedule: ``ini`` iterations at the initial
-values, ``inbetween`` iterations moving linearly to the final ones, ``fin``
+values, ``inbetween`` iterations moving linearly to the final ones, the
+mini-batch in particles and the resolution in Fourier shells, ``fin``
 iterations at the final values), reconstructs each class from the mini-batch
 (regularised by T·τ², τ² from the reference's power), and moves the reference
 as RELION 3.1 does (ml_optimiser.cpp, maximization): the gradient G is the
@@ -12,7 +13,11 @@ regularised reconstruction of the residuals (image − CTF·projection) at the
 posterior poses, Δ ← μ·Δ + (1 − μ)·η·G; V ← V + Δ (η = 0.5, μ = 0.9), so the
 steady-state step is η·G. The noise spectrum σ² and the class fractions are
 running averages with the same μ. With ``flatten_solvent`` the map is masked
-by the particle sphere and negative values are set to zero.
+by the particle sphere and negative values are set to zero in every
+iteration (``positivity="initial"``: during the initial phase only, RELION's
+rule; docs/conventions.md gives the measured difference). With
+K > 1 the classes are drawn towards their mean until the in-between phase
+ends (RELION's annealing, :func:`anneal_classes`).
 
 The E-step and the reconstruction reach ``incr_size`` Fourier shells beyond
 the scheduled resolution (RELION's --incr_size, 10 by default).
@@ -139,7 +144,7 @@ class SgdOptions:
     step_size: float = 0.5
     momentum: float = 0.9
     tau2_fudge: float = 4.0
-    positivity: str = "initial"  # negative densities set to 0 (with flatten_solvent): "initial" phase only (RELION), "always"
+    positivity: str = "always"  # negative densities set to 0 (with flatten_solvent): "always", or "initial" phase only (RELION)
     anneal: bool = True  # K > 1: classes drawn towards their mean until the in-between phase ends (RELION)
     symmetry_ops: np.ndarray | None = None  # (G, 3, 3) point group imposed on every mini-batch reconstruction
     device: torch.device | None = None  # where the E-step and back-projection run (default CPU)

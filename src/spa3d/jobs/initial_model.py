@@ -56,7 +56,7 @@ class InitialModelOptions:
     momentum: float = 0.9  # SGD momentum μ (RELION's default)
     final_em: int = 1  # the last iterations done as EM steps over all particles (spa3d's default 1; RELION 0)
     tau2_fudge: float = 4.0  # regularisation T of every gradient step (spa3d's default; RELION's InitialModel: 1)
-    positivity: str = "initial"  # negative densities zeroed: "initial" phase only (RELION) or "always"
+    positivity: str = "always"  # negative densities zeroed in every iteration (spa3d's); "initial": phase only (RELION)
     sampling_refinement: bool = True  # finer HEALPix order after the initial phase when the resolution needs it
     anneal: bool = True  # K > 1: RELION's annealing of the classes towards their mean (--sgd-skip-anneal: off)
     exhaustive: bool = False  # every pose at the fine sampling, instead of coarse-to-fine (RELION's oversampling)
@@ -332,9 +332,10 @@ def add_args(p) -> None:
                         "step (default 1; 0 is RELION's behaviour)")
     p.add_argument("--tau2-fudge", type=float, default=4.0,
                    help="regularisation parameter T of every gradient step (default 4; RELION's InitialModel uses 1)")
-    p.add_argument("--positivity", choices=("initial", "always"), default="initial",
-                   help="with --flatten-solvent, set negative densities to zero during the initial phase only "
-                        "(RELION's, default) or in every iteration")
+    p.add_argument("--positivity", choices=("always", "initial"), default="always",
+                   help="with --flatten-solvent, set negative densities to zero in every iteration (default: "
+                        "closer to the truth on the benchmarks, docs/conventions.md) or during the initial phase "
+                        "only (RELION's)")
     p.add_argument("--sampling-refinement", action=argparse.BooleanOptionalAction, default=True,
                    help="after the initial phase, halve the angular step whenever the resolution needs it "
                         "(360°/ceil(π·diameter/resolution); RELION's, default on)")
