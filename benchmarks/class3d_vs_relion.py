@@ -54,7 +54,8 @@ def spa3d_cmd(a, out: str) -> list[str]:
     return [exe, "class3d", "--i", "noisy.star", "--ref", "reference.mrc", "--o", out, "--firstiter-cc",
             "--ini-high", "50", "--ctf", "--K", str(a.K), "--tau2-fudge", "4", "--iter", str(a.iter),
             "--particle-diameter", str(a.diameter), "--zero-mask", "--flatten-solvent", "--sym", "C1",
-            "--angular-sampling", str(a.sampling), "--offset-range", "5", "--offset-step", "1", "--seed", str(a.seed)]
+            "--angular-sampling", str(a.sampling), "--offset-range", "5", "--offset-step", "1", "--seed", str(a.seed),
+            *a.spa3d_args.split()]
 
 
 def score(job: Path, it: int, k_cls: int, truth_labels: np.ndarray, truths: list[np.ndarray], apix: float):
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--mixture", choices=("1tii", "d2"), default="1tii",
                     help="1TII's AB5 complex / B5 ring / junk, or a D2 tetramer / its dimer / its monomer")
     ap.add_argument("--seed", type=int, default=1, help="spa3d's --seed (RELION's run keeps seed 1)")
+    ap.add_argument("--spa3d-args", default="", help="extra spa3d class3d options, e.g. '--no-direction-prior'")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="spa3d_bench_c3d_"))

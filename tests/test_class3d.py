@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from spa3d.analysis.metrics import adjusted_rand_index
@@ -254,3 +255,48 @@ def test_search_grid_perturbation_as_relion():
     assert np.allclose(moved.coarse_rot.numpy(), grid.coarse_rot.numpy() @ r, atol=1e-6)
     assert np.allclose(moved.fine_trans.numpy(), grid.fine_trans.numpy() + p * 2, atol=1e-6)
     assert perturbed_grid(grid, 1, Class3dOptions(perturb=0.0), 5) is grid
+
+
+def test_direction_prior_as_relion(mixture, tmp_path):
+    """RELION's pdf_direction (--direction-prior): each class's prior over viewing directions, from the last M-step's
+    posteriors; it sums to the class's fraction, and a (class, direction) of zero prior is never chosen."""
+    from spa3d.fourier.filters import lowpass
+    from spa3d.fourier.projector import Projector
+    from spa3d.geometry.sampling import psi_angles
+    from spa3d.inference.likelihood import FourierPixels
+    from spa3d.inference.search import make_search_grid, search_batch
+
+    d, _ = mixture
+    _, st = run_class3d(str(d / "picked.star"), str(d / "reference.mrc"), str(tmp_path / "job"),
+                        _opts(n_iter=3, direction_prior=True))
+    assert st.pdf_direction is not None and st.pdf_direction.shape[0] == 3
+    np.testing.assert_allclose(st.pdf_direction.sum(1), st.class_fractions, atol=1e-6)
+    assert (st.pdf_direction == 0).any()  # directions no particle of a class came from: excluded next time
+
+    # the E-step honours it: only direction d0 allowed, every image's best pose lies there, all weight with it
+    n, r_max = 32, 10
+    rng = np.random.default_rng(4)
+    vol = np.zeros((n, n, n), np.float32)
+    for _ in range(6):
+        c = rng.integers(10, 22, 3)
+        vol[c[0] - 3:c[0] + 3, c[1] - 2:c[1] + 2, c[2] - 4:c[2] + 4] += 1.0
+    vol = lowpass(vol, 1.0, 4.0).astype(np.float32)
+    grid = make_search_grid(1, "C1", 2.0, 1.0)
+    proj = Projector(vol, r_max=r_max + 2)
+    px_f, px_c = FourierPixels.make(n, r_max), FourierPixels.make(n, 6)
+    coarse = [proj.project_pixels(grid.coarse_rot, px_c.kx, px_c.ky)]
+    n_psi = len(psi_angles(1))
+    d0 = 7
+    lp = torch.full((1, grid.coarse_rot.shape[0]), -torch.inf)
+    lp[0, d0 * n_psi:(d0 + 1) * n_psi] = 0.0
+    x = proj.project(grid.fine_rot[torch.as_tensor(rng.choice(len(grid.fine_rot), 12, replace=False))])
+    x = x + 0.05 * float(x.abs().mean()) * torch.randn(x.shape, dtype=torch.complex64)
+    ones = torch.ones(x.shape)
+    r = search_batch(x, ones, torch.zeros(12, 2), grid, [proj], coarse, px_c, px_f, torch.full((n // 2 + 1,), 1e-2),
+                     torch.zeros(1), 5.0, log_dir_prior=lp)
+    parents = grid.coarse_rot[d0 * n_psi:(d0 + 1) * n_psi]
+    fine_of_d0 = grid.fine_rot[d0 * n_psi * 8:(d0 + 1) * n_psi * 8]
+    best = torch.as_tensor(r.best_rotation)
+    assert torch.cdist(best.reshape(12, 9), torch.cat([parents, fine_of_d0]).reshape(-1, 9)).min(1).values.max() < 1e-2  # other directions: > 0.3
+    np.testing.assert_allclose(r.rot_weight.sum(), 12.0, rtol=1e-5)
+    assert r.rot_weight[0, :d0 * n_psi].sum() == 0 and r.rot_weight[0, (d0 + 1) * n_psi:].sum() == 0

@@ -95,6 +95,7 @@ class BatchResult:
     flops: float = 0.0  # floating-point operations of the batch's products (likelihoods and M-step sums)
     poses: float = 0.0  # (class, rotation, translation) samples scored, summed over the batch's images
     residual_terms: np.ndarray | None = None  # (3, nsh) residual_shell's terms (see likelihood.residual_power_terms)
+    rot_weight: np.ndarray | None = None  # (K, Rc) Σ posterior per (class, coarse rotation), with a direction prior
 
 
 def significant_samples(ll: torch.Tensor, fraction: float, max_samples: int):
@@ -141,7 +142,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
                  adaptive_fraction: float = 0.999, max_significant: int = 256,
                  prior_rot: torch.Tensor | None = None, sigma_ang: float | None = None,
                  marginalise_broad: bool = True, pair_chunk: int = 512, residual: bool = False,
-                 half: torch.Tensor | None = None) -> BatchResult:
+                 half: torch.Tensor | None = None, log_dir_prior: torch.Tensor | None = None) -> BatchResult:
     """E-step (and M-step sums) for one batch.
 
     x_full: (B, n, n//2+1) complex image FTs shifted by the old offsets;
@@ -159,6 +160,9 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     every pose instead of Σ p·C·X·S (RELION's SGD gradient), same weights.
     half: (B,) 0 or 1, the random half set of each image; then ``backprojectors``
     holds 2K back-projectors, half h's class k at index h·K + k.
+    log_dir_prior: (K, Rc) log prior of each (class, coarse rotation), RELION's pdf_direction (which holds the
+    class's mass, so it replaces ``log_class_prior``); the fine samples take their coarse parent's. The result's
+    ``rot_weight`` (K, Rc) then sums the posterior of every (class, coarse rotation) for the M-step.
     """
     dev = x_full.device
     b = x_full.shape[0]
@@ -179,6 +183,8 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
         return torch.where((ang <= 3 * sigma_ang) | (not cutoff), lp, torch.full_like(lp, -torch.inf))
 
     local = prior_rot is not None and sigma_ang is not None and sigma_ang > 0
+    if log_dir_prior is not None:
+        log_class_prior = torch.zeros_like(log_class_prior)
 
     # ---- coarse pass ----
     xc = px_coarse.take(x_full)
@@ -204,7 +210,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
         ll, img, flat, n_sig, covered = _coarse_posterior(
             xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowed_class,
             prior_t(old_offsets[:, None, :] + grid.coarse_trans[None]),
-            prior_r(grid.coarse_rot, None) if local else None, adaptive_fraction, max_significant)
+            prior_r(grid.coarse_rot, None) if local else None, adaptive_fraction, max_significant, log_dir_prior)
         # images whose posterior is too broad for the cap: marginalised over the whole coarse grid instead
         broad = covered < adaptive_fraction
         if not marginalise_broad:
@@ -212,6 +218,8 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
         keep = ~broad[img]
         img, flat = img[keep], flat[keep]
     out, sums = batch_outputs(b, k_cls, int(px_fine.shell.max()) + 1, dev)
+    if log_dir_prior is not None:
+        sums["rot_weight"] = torch.zeros((k_cls, grid.coarse_rot.shape[0]), dtype=torch.float64, device=dev)
     n_pc, n_tc, n_rc = xc.shape[1], grid.coarse_trans.shape[0], grid.coarse_rot.shape[0]
     sums["flops"] += k_cls * (2.0 * b * n_tc * 2 * n_pc * n_rc + 2.0 * b * n_pc * n_rc)  # cross and power GEMMs
     sums["poses"] += float(b * k_cls * n_tc * n_rc)
@@ -224,7 +232,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     if len(img):
         _fine_pass(img, flat, b, ~broad, x_full, ctf_full, old_offsets, grid, projectors, px_fine, sigma2_shell,
                    log_class_prior, k_cls, hard, prior_t, prior_r if local else None, backprojectors, pair_chunk,
-                   out, sums, residual, half)
+                   out, sums, residual, half, log_dir_prior)
     return batch_result(out, sums, n_sig)
 
 
@@ -248,11 +256,12 @@ def batch_result(out: dict, sums: dict, n_sig: torch.Tensor) -> BatchResult:
                        out["trans_spread"].sqrt().cpu().numpy(), float(sums["off_sq"]),
                        residual_power(sums["res_terms"]).cpu().numpy(), sums["pix_shell"].cpu().numpy(),
                        out["xa"].cpu().numpy(), out["aa"].cpu().numpy(), sums["flops"], sums["poses"],
-                       sums["res_terms"].cpu().numpy())
+                       sums["res_terms"].cpu().numpy(),
+                       sums["rot_weight"].cpu().numpy() if "rot_weight" in sums else None)
 
 
 def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowed_class, log_prior_t, log_prior_r,
-                      fraction, cap):
+                      fraction, cap, log_dir_prior=None):
     """Coarse log-posteriors (B, K, Tc, Rc) and the significant samples of each image.
 
     log_prior_t: (B, Tc) translation log priors; log_prior_r: (B, Rc) or None. Returns (ll, image index, flat
@@ -261,6 +270,8 @@ def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowe
     """
     k_cls = len(coarse_refs)
     cross, half_power, norm_x = coarse_terms(xc, cc, wc, coarse_refs, phases_c)
+    if log_dir_prior is not None:  # a (class, rotation) prior enters as the power term does: −(power/2 − log prior)
+        half_power -= log_dir_prior[:, None, :].to(half_power.dtype)
     row_const = (-0.5 * norm_x)[:, None] + log_class_prior[None, :].to(norm_x.dtype)  # (B, K)
     if allowed_class is not None:
         ok = (allowed_class[:, None] < 0) | (allowed_class[:, None] == torch.arange(k_cls, device=xc.device))
@@ -282,7 +293,7 @@ def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowe
 
 def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell,
                log_class_prior, k_cls, hard, prior_t, prior_r, backprojectors, pair_chunk, out, sums, residual=False,
-               half=None):
+               half=None, log_dir_prior=None):
     """Score the children of the significant coarse samples (image ``img``, flat index ``flat``); fill ``out``."""
     dev = x_full.device
     n_tc = grid.coarse_trans.shape[0]
@@ -341,7 +352,10 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
         else:
             ll = -0.5 * (norm_x[ii][:, None, None] - 2 * cross + power)
             ll = ll + prior_t(old_offsets[ii][:, None, :] + grid.fine_trans[child_t[s0:s1]])[:, :, None]
-            ll = ll + log_class_prior[pk[s0:s1]][:, None, None]
+            if log_dir_prior is None:
+                ll = ll + log_class_prior[pk[s0:s1]][:, None, None]
+            else:  # the fine samples take their coarse parent's (class, direction) prior
+                ll = ll + log_dir_prior[pk[s0:s1], pr[s0:s1]][:, None, None]
             if local:
                 ll = ll + prior_r(grid.fine_rot[child_r[s0:s1]], ii, cutoff=False)[:, None, :]
             scores[s0:s1] = ll
@@ -369,6 +383,8 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     br = child_r[pair_of_best, j % 8]
     bk = pk[pair_of_best]
     class_post = torch.zeros((b, k_cls), device=dev).index_put_((img, pk), post.sum((1, 2)), accumulate=True)
+    if "rot_weight" in sums:
+        sums["rot_weight"].index_put_((pk, pr), post.sum((1, 2)).double(), accumulate=True)
     # spreads of the posterior around the best pose
     r_best = grid.fine_rot[br][img]  # (S, 3, 3)
     r_child = grid.fine_rot[child_r]  # (S, 8, 3, 3)
@@ -456,6 +472,8 @@ def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p
     out["pmax"][sel] = pmax
     out["loge"][sel] = mx[:, 0] + torch.log(z[:, 0])
     out["class_post"][sel] = post.sum((2, 3))
+    if "rot_weight" in sums:
+        sums["rot_weight"] += post.sum((0, 2)).double()
     p_rot = post.sum((1, 2))  # (B', Rc)
     tr = torch.einsum("bij,rij->br", grid.coarse_rot[br], grid.coarse_rot)
     ang2 = torch.rad2deg(torch.arccos(((tr - 1) / 2).clamp(-1, 1))) ** 2

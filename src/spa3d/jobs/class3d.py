@@ -49,7 +49,7 @@ from spa3d.fourier.filters import lowpass, power_spectrum, relion_power, soft_sp
 from spa3d.fourier.grid import phase_shift_2d, rfft2_centered
 from spa3d.fourier.projector import Projector
 from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
-from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
+from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations, psi_angles
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels, residual_power, residual_power_terms
 from spa3d.inference.local_search import local_rotations, local_search_batch
@@ -122,6 +122,7 @@ class Class3dOptions:
     skip_align: bool = False
     sigma_ang: float = -1.0  # degrees; > 0: local searches around the previous pose
     perturb: float = 0.5  # RELION's --perturb: the global search grid moves by up to this fraction of its steps
+    direction_prior: bool = False  # RELION's pdf_direction, a prior over (class, viewing direction): off (measured)
     incr_size: int = 10
     adaptive_fraction: float = 0.999
     max_significant: int = 256
@@ -157,6 +158,8 @@ class Class3dState:
     map_radius: float = 0.0  # radius (cycles per box) up to which the class maps hold data
     stats: dict = field(default_factory=dict)  # per-particle columns of the last iteration
     rng_state: dict = field(default_factory=dict)
+    pdf_direction: np.ndarray | None = None  # (K, D) prior of (class, direction) at HEALPix order pdf_direction_order
+    pdf_direction_order: int = -1
 
 
 def _save_state(path: Path, st: Class3dState) -> None:
@@ -166,6 +169,8 @@ def _save_state(path: Path, st: Class3dState) -> None:
                      sigma_offset_px=st.sigma_offset_px, group_scale=st.group_scale, r_current=st.r_current,
                      best_resolution_shell=st.best_resolution_shell, offsets_px=st.offsets_px, angles=st.angles,
                      classes=st.classes, map_radius=st.map_radius, **{f"stat_{k}": v for k, v in st.stats.items()},
+                     **({} if st.pdf_direction is None else {"pdf_direction": st.pdf_direction,
+                                                            "pdf_direction_order": st.pdf_direction_order}),
                      rng=np.frombuffer(json.dumps(st.rng_state).encode(), dtype=np.uint8))
 
 
@@ -175,7 +180,9 @@ def _load_state(path: Path) -> Class3dState:
         return Class3dState(int(z["iteration"]), z["sigma2"].copy(), z["class_fractions"].copy(),
                             float(z["sigma_offset_px"]), z["group_scale"].copy(), float(z["r_current"]),
                             float(z["best_resolution_shell"]), z["offsets_px"].copy(), z["angles"].copy(),
-                            z["classes"].copy(), float(z["map_radius"]), stats, json.loads(bytes(z["rng"]).decode()))
+                            z["classes"].copy(), float(z["map_radius"]), stats, json.loads(bytes(z["rng"]).decode()),
+                            z["pdf_direction"].copy() if "pdf_direction" in z.files else None,
+                            int(z["pdf_direction_order"]) if "pdf_direction_order" in z.files else -1)
 
 
 def _image_mask(n: int, radius_px: float) -> torch.Tensor:
@@ -453,6 +460,7 @@ class EStepChunk:
     radius_px: float
     device: str
     threads: int | None = None
+    pdf_direction: np.ndarray | None = None  # (K, D) RELION's prior of (class, direction) at ``order``; None: none
 
 
 @dataclass
@@ -477,6 +485,7 @@ class EStepResult:
     acc: list  # per half set h and class k (index h·K + k): BackProjector accumulator tensor (D, D, h+1, 3)
     flops: float = 0.0  # floating-point operations of the E-step's products
     poses: float = 0.0  # samples scored, summed over the particles
+    rot_weight: np.ndarray | None = None  # (K, Rc) Σ posterior per (class, coarse rotation), with a direction prior
 
 
 _GRID_CACHE: dict = {}
@@ -546,6 +555,12 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
     bps = [BackProjector(n, r_max=ch.r_cur, device=device) for _ in range(k_cls if ch.halves is None else 2 * k_cls)]
     sigma2_t = torch.as_tensor(ch.sigma2, dtype=torch.float32, device=device)
     log_prior = torch.as_tensor(np.log(np.clip(ch.class_fractions, 1e-10, None)), dtype=torch.float32, device=device)
+    log_dir = None
+    if ch.pdf_direction is not None and grid is not None:  # (class, coarse rotation): its direction's prior
+        n_psi = grid.coarse_rot.shape[0] // ch.pdf_direction.shape[1]
+        with np.errstate(divide="ignore"):
+            lp = np.where(ch.pdf_direction > 0, np.log(ch.pdf_direction), ZERO_PRIOR_LOG)
+        log_dir = torch.as_tensor(np.repeat(lp, n_psi, axis=1), dtype=torch.float32, device=device)
     m = len(ch.indices)
     out = EStepResult(ch.indices, ch.offsets_px.copy(), ch.angles.copy(), np.zeros(m, dtype=int), np.zeros(m),
                       np.zeros(m, dtype=int), np.zeros(m), np.zeros(m), np.zeros(m), np.zeros(k_cls),
@@ -581,7 +596,9 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
                          if o.sigma_ang > 0 else None)
             r = search_batch(x, c, old, grid, projectors, coarse_refs, px_c, px_f, sigma2_t, log_prior,
                              ch.sigma_offset_px, bps, allowed, ch.hard, o.adaptive_fraction, o.max_significant,
-                             prior_rot, o.sigma_ang, o.marginalise_broad, half=half)
+                             prior_rot, o.sigma_ang, o.marginalise_broad, half=half, log_dir_prior=log_dir)
+            if r.rot_weight is not None:
+                out.rot_weight = r.rot_weight if out.rot_weight is None else out.rot_weight + r.rot_weight
             out.offsets_px[sl] = ch.offsets_px[sl] + r.best_translation
             out.angles[sl] = np.stack(matrix_to_euler(r.best_rotation.astype(np.float64)), 1)
         out.classes[sl] = r.best_class + 1
@@ -613,7 +630,8 @@ def _combine(results: list[EStepResult]) -> EStepResult:
     sums = {f: sum(getattr(r, f) for r in results) for f in
             ("class_post_sum", "res_terms", "pix_shell", "xa_g", "aa_g", "off_sq", "flops", "poses")}
     acc = [sum(r.acc[k].cpu() for r in results) for k in range(len(first.acc))]
-    return EStepResult(**cat, **sums, acc=acc)
+    weights = [r.rot_weight for r in results if r.rot_weight is not None]
+    return EStepResult(**cat, **sums, acc=acc, rot_weight=sum(weights) if weights else None)
 
 
 def run_estep(todo: np.ndarray, bs: int, chunk, device, cluster, progress: Progress | None) -> EStepResult:
@@ -792,6 +810,30 @@ def _plan_iteration(run: _RunSetup, o: Class3dOptions, st: Class3dState, rng: np
     return _IterationPlan(it, r_cur, order, r_coarse, hard, allowed, todo)
 
 
+#: log prior of (class, direction) pairs of zero probability: never chosen, as RELION skips them (pdf_orientation = 0)
+ZERO_PRIOR_LOG = -np.inf
+
+
+def _n_directions(order: int, symmetry: str) -> int:
+    """Viewing directions of the (symmetry-reduced) HEALPix grid of ``order``."""
+    return len(oversampled_orientations(order, symmetry)[0]) // len(psi_angles(order))
+
+
+def direction_prior(o: Class3dOptions, st: Class3dState, order: int) -> np.ndarray | None:
+    """RELION's pdf_direction for an E-step at HEALPix ``order``: (K, D), each class's prior over the viewing
+    directions, summing to the class's fraction (so it replaces the class prior). The last M-step's (ml_optimiser.cpp:
+    Σ posterior of the class and direction over the particles / their number); at the start 1/(K·D) as RELION's
+    initialisePdfDirection; when the sampling changes (spa3d's first iterations a HEALPix order coarser) each
+    class's fraction spread evenly over the new directions. None without ``o.direction_prior`` and for local
+    searches or --skip-align (RELION: the orientational prior, or none)."""
+    if not o.direction_prior or o.skip_align or o.sigma_ang > 0:
+        return None
+    if st.pdf_direction is not None and st.pdf_direction_order == order:
+        return st.pdf_direction
+    d = _n_directions(order, o.symmetry)
+    return np.repeat(np.asarray(st.class_fractions, dtype=np.float64)[:, None] / d, d, axis=1)
+
+
 def _e_step(run: _RunSetup, o: Class3dOptions, maps: np.ndarray, st: Class3dState,
             plan: _IterationPlan) -> EStepResult:
     """The E-step of the plan's particles (in this process or on the Dask cluster) and the M-step sums."""
@@ -802,7 +844,8 @@ def _e_step(run: _RunSetup, o: Class3dOptions, maps: np.ndarray, st: Class3dStat
         return EStepChunk(str(ps.star_path), str(ps.project_dir), sel, first_batch, bs, plan.it, o.seed, maps,
                           st.sigma2, st.class_fractions, st.sigma_offset_px, st.offsets_px[sel], st.angles[sel],
                           scale_all[sel], run.groups[sel], run.n_groups, plan.allowed[sel], run.halves[sel], o,
-                          plan.order, plan.r_cur, plan.r_coarse, plan.hard, run.radius_px, dev, threads)
+                          plan.order, plan.r_cur, plan.r_coarse, plan.hard, run.radius_px, dev, threads,
+                          direction_prior(o, st, plan.order))
 
     prog = Progress(len(plan.todo), label=f"iteration {plan.it}/{o.n_iter}: ")
     return run_estep(plan.todo, bs, chunk, run.device, run.cluster, prog)
@@ -849,6 +892,10 @@ def _m_step(run: _RunSetup, o: Class3dOptions, maps: np.ndarray, st: Class3dStat
     upd = pix_shell > 0
     st.sigma2[upd] = res_shell[upd] / pix_shell[upd]
     st.class_fractions = class_post_sum / class_post_sum.sum()
+    if res_all.rot_weight is not None:  # RELION's pdf_direction: Σ posterior per (class, direction) / particles
+        d = _n_directions(plan.order, o.symmetry)
+        w = res_all.rot_weight.reshape(k_cls, d, -1).sum(2)
+        st.pdf_direction, st.pdf_direction_order = w / max(w.sum(), 1e-300), plan.order
     if not o.skip_align:
         st.sigma_offset_px = float(np.sqrt(off_sq / (2 * len(plan.todo))))
     new_maps = np.empty_like(maps)
@@ -1028,13 +1075,14 @@ CLI_OPTIONS = {"K": "n_classes", "iter": "n_iter", "tau2_fudge": "tau2_fudge", "
                "flatten_solvent": "flatten_solvent", "ctf": "ctf", "ctf_intact_first_peak": "ctf_intact_first_peak",
                "ctf_phase_flipped": "ctf_phase_flipped", "firstiter_cc": "firstiter_cc", "sym": "symmetry",
                "strict_highres_exp": "strict_highres_exp", "skip_align": "skip_align", "sigma_ang": "sigma_ang",
-               "perturb": "perturb",
+               "perturb": "perturb", "direction_prior": "direction_prior",
                "fast_subsets": "fast_subsets", "batch_size": "batch_size", "seed": "seed", "device": "device",
                "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler",
                "dry_run": "dry_run"}
 
 
 def add_args(p) -> None:
+
     from spa3d.jobs.args import add_job_output, add_ml_options, add_run_options
 
     p.add_argument("--i", default=None, help="particle STAR file")
@@ -1049,6 +1097,9 @@ def add_args(p) -> None:
     p.add_argument("--skip-align", action="store_true", help="classify at the particles' stored poses")
     p.add_argument("--sigma-ang", type=float, default=-1.0,
                    help="local searches: σ in degrees of the prior on angles around the stored poses")
+    p.add_argument("--direction-prior", action="store_true",
+                   help="a prior over each class's viewing directions from the last iteration, as RELION's "
+                        "pdf_direction (default off: on the benchmarks it lost small classes; docs/conventions.md)")
     p.add_argument("--fast-subsets", action="store_true",
                    help="random subsets in the first 15 iterations: K*1500, K*4500 particles, then max(K*4500, 30%%) (RELION)")
     add_run_options(p)
@@ -1059,6 +1110,7 @@ def main(a) -> None:
 
     o = Class3dOptions(n_classes=a.K, n_iter=a.iter, tau2_fudge=a.tau2_fudge, strict_highres_exp=a.strict_highres_exp,
                        skip_align=a.skip_align, sigma_ang=a.sigma_ang, fast_subsets=a.fast_subsets,
+                       direction_prior=a.direction_prior,
                        **ml_option_values(a))
     start_log(a)
     run_class3d(a.i, a.ref, a.o, o, continue_from=a.continue_from, given=given_options(a, CLI_OPTIONS))
