@@ -67,10 +67,10 @@ def host_peak_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-#: significant coarse samples per particle assumed once an SGD run has refined its sampling (the runs measured
-#: had 15–52 in those iterations; against the starting maps every image's posterior is broad, and the E-step
-#: would score each over the whole coarse grid)
-SGD_LATE_SIGNIFICANT = 32
+#: significant coarse samples per particle assumed once an SGD run has refined its sampling and in its final EM
+#: pass (measured: 2–4 on the 2,000-particle benchmarks, 15–52 on the 600-particle test); against the starting
+#: maps every image's posterior is broad, and the E-step would score each over the whole coarse grid
+SGD_LATE_SIGNIFICANT = 8
 
 
 def estimate_initial_model(ps, state, opts, schedule, device: torch.device, opts_at=None) -> Estimate:
@@ -138,6 +138,9 @@ def estimate_initial_model(ps, state, opts, schedule, device: torch.device, opts
         chunk = np.arange(min(len(ps), 100))
         o_full = o_last if o_last.final_translations is None else dataclasses.replace(
             o_last, translations=o_last.final_translations)
+        # the final pass meets sharp posteriors (see timed_iteration)
+        o_full = dataclasses.replace(o_full, max_significant=min(o_full.max_significant, SGD_LATE_SIGNIFICANT),
+                                     marginalise_broad=False)
         synchronize(device)
         t = time.perf_counter()
         _estep_minibatch(ps, chunk, state.maps, state.sigma2, state.class_fractions, o_full, r_cur, False)
