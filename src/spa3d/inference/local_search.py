@@ -141,5 +141,5 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
     sums["flops"], sums["poses"] = flops, float(b * k_cls * n_t * n_j)
     _fine_pass(img, flat_grid, b, torch.ones(b, dtype=torch.bool, device=dev), x_full, ctf_full, old_offsets, grid,
                projectors, px_fine, sigma2_shell, log_class_prior, k_cls, False, prior_t, prior_r, backprojectors,
-               512, out, sums, False, half)
+               512, out, sums, False, half, fraction=adaptive_fraction)
     return batch_result(out, sums, n_sig_all)

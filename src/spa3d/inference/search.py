@@ -118,6 +118,34 @@ def significant_samples(ll: torch.Tensor, fraction: float, max_samples: int):
     return img, idx[keep], keep.sum(1), covered
 
 
+def significant_fine(post: torch.Tensor, img: torch.Tensor, n_img: int, fraction: float) -> torch.Tensor:
+    """The fine posteriors ``post`` (S, M) with each image's insignificant samples set to zero.
+
+    img: (S,) the image of each row; each image's posteriors sum to 1 over its rows. As RELION's
+    ``exp_significant_weight``, an image keeps the largest samples that together hold ``fraction`` of its
+    posterior (and every sample as large as the smallest of them); only those enter the M-step sums (the
+    rest hold at most 1 − ``fraction`` of it), renormalised to sum to 1 per image. Returns a new tensor;
+    ``fraction`` ≥ 1 keeps everything.
+    """
+    if fraction >= 1.0 or post.numel() == 0:
+        return post
+    s, m = post.shape
+    vals = post.reshape(-1).to(torch.float64)
+    owner = img[:, None].expand(s, m).reshape(-1)
+    order = torch.argsort(owner.to(torch.float64) * 2.0 - vals, stable=True)  # by image, largest first
+    v_sorted, o_sorted = vals[order], owner[order]
+    before = torch.cumsum(v_sorted, 0) - v_sorted  # mass of all earlier samples (all images)
+    count = torch.bincount(o_sorted, minlength=n_img)
+    start = torch.cumsum(count, 0) - count
+    offset = before[start.clamp_max(max(len(before) - 1, 0))]  # mass of the earlier images' samples
+    keep = (before - offset[o_sorted]) < fraction
+    thr = torch.full((n_img,), torch.inf, dtype=torch.float64, device=post.device)
+    thr = thr.scatter_reduce(0, o_sorted[keep], v_sorted[keep], reduce="amin")
+    kept = torch.where(post.to(torch.float64) >= thr[img][:, None], post, torch.zeros_like(post))
+    mass = torch.zeros(n_img, dtype=post.dtype, device=post.device).index_add_(0, img, kept.sum(1))
+    return kept / mass[img].clamp_min(1e-30)[:, None]
+
+
 def _pixel_weights(px: FourierPixels, sigma2_shell: torch.Tensor, cross_correlation: bool) -> torch.Tensor:
     """Per-pixel weights m/σ² of the likelihood (m alone for cross-correlation scores)."""
     m = px.multiplicity.to(torch.float32)
@@ -232,7 +260,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     if len(img):
         _fine_pass(img, flat, b, ~broad, x_full, ctf_full, old_offsets, grid, projectors, px_fine, sigma2_shell,
                    log_class_prior, k_cls, hard, prior_t, prior_r if local else None, backprojectors, pair_chunk,
-                   out, sums, residual, half, log_dir_prior)
+                   out, sums, residual, half, log_dir_prior, adaptive_fraction)
     return batch_result(out, sums, n_sig)
 
 
@@ -293,8 +321,11 @@ def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowe
 
 def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell,
                log_class_prior, k_cls, hard, prior_t, prior_r, backprojectors, pair_chunk, out, sums, residual=False,
-               half=None, log_dir_prior=None):
-    """Score the children of the significant coarse samples (image ``img``, flat index ``flat``); fill ``out``."""
+               half=None, log_dir_prior=None, fraction=1.0):
+    """Score the children of the significant coarse samples (image ``img``, flat index ``flat``); fill ``out``.
+
+    The M-step sums take each image's significant fine samples only (``fraction`` of its posterior,
+    :func:`significant_fine`; 1: all of them)."""
     dev = x_full.device
     n_tc = grid.coarse_trans.shape[0]
     n_rc = grid.coarse_rot.shape[0]
@@ -416,34 +447,43 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     out["xa"][sel] = ((xs_best.real * cp.real + xs_best.imag * cp.imag) * m).sum(1)[sel]
     out["aa"][sel] = ((cp.real**2 + cp.imag**2) * m).sum(1)[sel]
 
+    # the M-step sums: each image's significant fine samples only (RELION's exp_significant_weight)
+    if not hard:
+        post = significant_fine(post.reshape(n_pairs, 32), img, b, fraction).reshape(n_pairs, 4, 8)
+    live_pair = (post.reshape(n_pairs, 32) > 0).any(1).nonzero()[:, 0]
+    img_m, child_t_m, inv_m, post_m = img[live_pair], child_t[live_pair], inv[live_pair], post[live_pair]
+    n_m = len(live_pair)
     # sum the contributions of all images per (class, fine rotation) first: one row each to insert
     c2 = cf * cf
-    sums["flops"] += n_pairs * (24.0 + 128.0) * n_p + 2.0 * n_u * b * n_p  # Σ p·C·X·S per row; Σ p·C² GEMM
     # Σ_t p over each sample's translations, per (image, table row): the CTF² weights as one GEMM-free sum
     wrow = torch.zeros((b, n_u), dtype=torch.float32, device=dev)
-    wrow.index_put_((img[:, None].expand(-1, 8), inv), post.sum(1), accumulate=True)
+    wrow.index_put_((img_m[:, None].expand(-1, 8), inv_m), post_m.sum(1), accumulate=True)
     xc = xf * cf
-    acc = kernels.fine_accumulate(xc, phases_f, post, img, child_t, inv, n_u)
+    acc = kernels.fine_accumulate(xc, phases_f, post_m, img_m, child_t_m, inv_m, n_u)
     if acc is None:
         acc_ri = torch.zeros((n_u, 2 * n_p), dtype=torch.float32, device=dev)  # interleaved (re, im)
-        for s0 in range(0, n_pairs, pair_chunk):
-            s1 = min(n_pairs, s0 + pair_chunk)
-            ii = img[s0:s1]
-            pt_ = post[s0:s1].transpose(1, 2)  # (s, 8, 4)
-            xsc = xc[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
-            acc_ri.index_add_(0, inv[s0:s1].reshape(-1),
+        for s0 in range(0, n_m, pair_chunk):
+            s1 = min(n_m, s0 + pair_chunk)
+            ii = img_m[s0:s1]
+            pt_ = post_m[s0:s1].transpose(1, 2)  # (s, 8, 4)
+            xsc = xc[ii][:, None, :] * phases_f[child_t_m[s0:s1]]  # (s, 4, P)
+            acc_ri.index_add_(0, inv_m[s0:s1].reshape(-1),
                               torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
         acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
-    acc_w = wrow.T @ c2  # (U, P)
+    # rows (half, class, fine rotation) that some significant sample reached: the only ones to insert
+    live = (wrow.sum(0) > 0).nonzero()[:, 0]
+    acc, table_l, u_dest_l, u_rot_l = acc[live], table[live], u_dest[live], u_rot[live]
+    acc_w = wrow[:, live].T @ c2  # (U', P)
+    sums["flops"] += n_m * (24.0 + 128.0) * n_p + 2.0 * len(live) * b * n_p  # Σ p·C·X·S per row; Σ p·C² GEMM
     # the noise power's statistics: residuals of every significant sample, weighted by its posterior
-    sums["res_terms"] += residual_power_terms(p_fine, xf[sharp], acc, acc_w, table)
+    sums["res_terms"] += residual_power_terms(p_fine, xf[sharp], acc, acc_w, table_l)
     if backprojectors is not None:
         if residual:  # Σ p·C·(X·S − C·P) = Σ p·C·X·S − (Σ p·C²)·P
-            acc = acc - acc_w * table
+            acc = acc - acc_w * table_l
         for d, bp in enumerate(backprojectors):
-            sel = (u_dest == d).nonzero()[:, 0]
+            sel = (u_dest_l == d).nonzero()[:, 0]
             if len(sel):
-                bp.insert_pixels(acc[sel], acc_w[sel], grid.fine_rot[u_rot[sel]], p_fine.kx, p_fine.ky)
+                bp.insert_pixels(acc[sel], acc_w[sel], grid.fine_rot[u_rot_l[sel]], p_fine.kx, p_fine.ky)
 
 
 
