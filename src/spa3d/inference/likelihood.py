@@ -74,26 +74,38 @@ def log_likelihoods(images: torch.Tensor, ctf: torch.Tensor | None, weights: tor
     return -0.5 * (norm_x[:, None, None] - 2 * cross + power[:, None, :])
 
 
-def coarse_terms(images: torch.Tensor, ctf: torch.Tensor, weights: torch.Tensor, projections: list[torch.Tensor],
+def reference_terms(projections: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per class, the projections (R, P) as interleaved real rows (R, 2P) and their power |P|² (R, P): the
+    operands of :func:`coarse_terms`, computed once for all the images of a batch."""
+    out = []
+    for proj in projections:
+        proj = proj.to(torch.complex64).contiguous()
+        out.append((torch.view_as_real(proj).reshape(proj.shape[0], -1), proj.real**2 + proj.imag**2))
+    return out
+
+
+def coarse_terms(images: torch.Tensor, ctf: torch.Tensor, weights: torch.Tensor, projections: list,
                  phases: torch.Tensor):
     """The terms of :func:`log_likelihoods` for K references, laid out for the coarse pass's kernel.
 
-    Returns cross (K, B, T, R) = Re Σ_p conj(w C X S_t)·P_r (one real GEMM per class, all classes sharing the
-    shifted, weighted images), half_power (K, B, R) = Σ_p w C² |P_r|² / 2 and norm_x (B,) = Σ_p w |X|²,
-    so that log L(b, k, t, r) = cross − half_power − norm_x / 2.
+    projections: per class (R, P) complex, or :func:`reference_terms` of them. Returns cross (K, B, T, R) =
+    Re Σ_p conj(w C X S_t)·P_r (one real GEMM per class, all classes sharing the shifted, weighted images),
+    half_power (K, B, R) = Σ_p w C² |P_r|² / 2 and norm_x (B,) = Σ_p w |X|², so that
+    log L(b, k, t, r) = cross − half_power − norm_x / 2.
     """
     b, p = images.shape
     t = phases.shape[0]
+    if torch.is_tensor(projections[0]):
+        projections = reference_terms(projections)
     a = (images[:, None, :] * phases[None]) * (ctf * weights)[:, None, :]  # (B, T, P)
     a_ri = torch.view_as_real(a).reshape(b * t, 2 * p)  # interleaved (re, im): Σ a_r p_r + a_i p_i
     cw2 = ctf * ctf * weights
-    r = projections[0].shape[0]
+    r = projections[0][0].shape[0]
     cross = torch.empty((len(projections), b * t, r), dtype=torch.float32, device=images.device)
     half_power = torch.empty((len(projections), b, r), dtype=torch.float32, device=images.device)
-    for k, proj in enumerate(projections):
-        proj = proj.to(torch.complex64).contiguous()
-        torch.mm(a_ri, torch.view_as_real(proj).reshape(r, 2 * p).T, out=cross[k])
-        torch.mm(cw2, (proj.real**2 + proj.imag**2).T, out=half_power[k])
+    for k, (proj_ri, power) in enumerate(projections):
+        torch.mm(a_ri, proj_ri.T, out=cross[k])
+        torch.mm(cw2, power.T, out=half_power[k])
     half_power *= 0.5
     norm_x = ((images.real**2 + images.imag**2) * weights).sum(1)
     return cross.reshape(len(projections), b, t, r), half_power, norm_x

@@ -33,12 +33,17 @@ from spa3d import kernels
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.fourier.projector import Projector
-from spa3d.inference.likelihood import FourierPixels, coarse_terms, residual_power, residual_power_terms
+from spa3d.inference.likelihood import (FourierPixels, coarse_terms, reference_terms, residual_power,
+                                        residual_power_terms)
 
 
 #: on a GPU, the fine pass's pairs are processed in chunks of about this many bytes of operands (on the CPU the
 #: compiled kernels take them all at once, the torch code in chunks of ``pair_chunk``)
 GPU_CHUNK_BYTES = 1 << 30
+#: on the CPU, the coarse pass takes the images in chunks whose log-likelihoods (per class) take about this many
+#: bytes, so that its GEMM's output is still in cache when the kernel selects the significant samples
+#: (measured: 1.5× faster than one batch-wide GEMM at 300 images, 29 translations, 4,608 rotations)
+COARSE_CHUNK_BYTES = 8 << 20
 
 
 @dataclass
@@ -239,7 +244,8 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
             xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowed_class,
             prior_t(old_offsets[:, None, :] + grid.coarse_trans[None]),
             prior_r(grid.coarse_rot, None) if local else None, adaptive_fraction, max_significant, log_dir_prior)
-        # images whose posterior is too broad for the cap: marginalised over the whole coarse grid instead
+        # images whose posterior is too broad for the cap (ll holds their rows): marginalised over the whole
+        # coarse grid instead
         broad = covered < adaptive_fraction
         if not marginalise_broad:
             broad = torch.zeros_like(broad)
@@ -253,7 +259,8 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     sums["poses"] += float(b * k_cls * n_tc * n_rc)
     if bool(broad.any()):
         sel = broad.nonzero()[:, 0]
-        _coarse_marginal(sel, ll[sel].reshape(len(sel), -1), x_full[sel], ctf_full[sel], old_offsets[sel], grid, projectors, px_fine,
+        rows = ll[sel] if hard else ll  # the hard pass's ll covers every image; _coarse_posterior's the broad ones
+        _coarse_marginal(sel, rows.reshape(len(sel), -1), x_full[sel], ctf_full[sel], old_offsets[sel], grid, projectors, px_fine,
                          sigma2_shell, k_cls, backprojectors, out, sums, residual, None if half is None else half[sel])
         n_sig[sel] = -1
     del ll
@@ -290,32 +297,50 @@ def batch_result(out: dict, sums: dict, n_sig: torch.Tensor) -> BatchResult:
 
 def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowed_class, log_prior_t, log_prior_r,
                       fraction, cap, log_dir_prior=None):
-    """Coarse log-posteriors (B, K, Tc, Rc) and the significant samples of each image.
+    """Coarse log-posteriors of the broad images and the significant samples of each image.
 
     log_prior_t: (B, Tc) translation log priors; log_prior_r: (B, Rc) or None. Returns (ll, image index, flat
-    sample index, count per image, covered mass per image) as :func:`significant_samples`. On CPU the compiled
-    kernel assembles ll in place and selects in one sweep per image; elsewhere torch does it.
+    sample index, count per image, covered mass per image) as :func:`significant_samples`, with ll (B', K, Tc,
+    Rc) the log-posteriors of the B' images whose significant samples hold less than ``fraction`` (in image
+    order). On the CPU the images go through in chunks whose GEMM output stays in cache (about
+    ``COARSE_CHUNK_BYTES`` per class) and the compiled kernel assembles ll in place and selects in one sweep
+    per image; elsewhere torch does it for the whole batch.
     """
     k_cls = len(coarse_refs)
-    cross, half_power, norm_x = coarse_terms(xc, cc, wc, coarse_refs, phases_c)
-    if log_dir_prior is not None:  # a (class, rotation) prior enters as the power term does: −(power/2 − log prior)
-        half_power -= log_dir_prior[:, None, :].to(half_power.dtype)
-    row_const = (-0.5 * norm_x)[:, None] + log_class_prior[None, :].to(norm_x.dtype)  # (B, K)
-    if allowed_class is not None:
-        ok = (allowed_class[:, None] < 0) | (allowed_class[:, None] == torch.arange(k_cls, device=xc.device))
-        row_const = row_const.masked_fill(~ok, -torch.inf)
-    row_const, log_prior_t = row_const.contiguous(), log_prior_t.contiguous()
-    if log_prior_r is not None:
-        log_prior_r = log_prior_r.contiguous()
-    res = kernels.coarse_significant(cross, half_power, row_const, log_prior_t, log_prior_r, fraction, cap)
-    if res is not None:
-        img, flat, n_sig, covered = res[:4]
-        return cross.transpose(0, 1), img, flat, n_sig, covered
-    ll = cross - half_power[:, :, None, :] + row_const.T[:, :, None, None] + log_prior_t[None, :, :, None]
-    if log_prior_r is not None:
-        ll = ll + log_prior_r[None, :, None, :]
-    ll = ll.transpose(0, 1)  # (B, K, Tc, Rc)
-    img, flat, n_sig, covered = significant_samples(ll.reshape(ll.shape[0], -1), fraction, cap)
+    b, n_t, n_r = xc.shape[0], phases_c.shape[0], coarse_refs[0].shape[0]
+    on_cpu = xc.device.type == "cpu" and kernels.have_compiled_kernels()
+    bc = max(1, min(b, int(COARSE_CHUNK_BYTES // (4 * n_t * n_r)))) if on_cpu else b
+    parts, broad_ll = [], []
+    refs = reference_terms(coarse_refs)
+    for s0 in range(0, b, bc):
+        s1 = min(b, s0 + bc)
+        cross, half_power, norm_x = coarse_terms(xc[s0:s1], cc[s0:s1], wc, refs, phases_c)
+        if log_dir_prior is not None:  # a (class, rotation) prior enters as the power term does: −(power/2 − log prior)
+            half_power -= log_dir_prior[:, None, :].to(half_power.dtype)
+        row_const = (-0.5 * norm_x)[:, None] + log_class_prior[None, :].to(norm_x.dtype)  # (B', K)
+        if allowed_class is not None:
+            ac = allowed_class[s0:s1, None]
+            ok = (ac < 0) | (ac == torch.arange(k_cls, device=xc.device))
+            row_const = row_const.masked_fill(~ok, -torch.inf)
+        lpt = log_prior_t[s0:s1].contiguous()
+        lpr = log_prior_r[s0:s1].contiguous() if log_prior_r is not None else None
+        res = kernels.coarse_significant(cross, half_power, row_const.contiguous(), lpt, lpr, fraction, cap)
+        if res is not None:
+            img, flat, n_sig, covered = res[:4]
+            ll = cross.transpose(0, 1)
+        else:
+            ll = cross - half_power[:, :, None, :] + row_const.T[:, :, None, None] + lpt[None, :, :, None]
+            if lpr is not None:
+                ll = ll + lpr[None, :, None, :]
+            ll = ll.transpose(0, 1)  # (B', K, Tc, Rc)
+            img, flat, n_sig, covered = significant_samples(ll.reshape(ll.shape[0], -1), fraction, cap)
+        wide = (covered < fraction).nonzero()[:, 0]
+        if len(wide):
+            broad_ll.append(ll[wide])  # a copy: the chunk itself is freed
+        parts.append((img + s0, flat, n_sig, covered))
+        del cross, ll
+    img, flat, n_sig, covered = (torch.cat([p[i] for p in parts]) for i in range(4))
+    ll = torch.cat(broad_ll) if broad_ll else xc.new_empty((0, k_cls, n_t, n_r), dtype=torch.float32)
     return ll, img, flat, n_sig, covered
 
 

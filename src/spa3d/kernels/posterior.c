@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include "threads.h"
 
+#define LANES 8
+
 typedef struct {
     float v;
     int64_t i;
@@ -73,6 +75,7 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
     #pragma omp parallel num_threads(nthreads)
     {
         sample_t *cand = malloc(sizeof(sample_t) * (size_t)n_s);
+        float *row_top = malloc(sizeof(float) * (size_t)(n_k * n_t));
         #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < n_b; b++) {
             float m = -INFINITY;
@@ -83,27 +86,39 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
                 for (int64_t t = 0; t < n_t; t++) {
                     float *row = ll + ((k * n_b + b) * n_t + t) * n_r;
                     const float c = rc + prior_t[b * n_t + t];
-                    float mt = -INFINITY;
-                    if (pr) {
-                        for (int64_t r = 0; r < n_r; r++) {
-                            row[r] = row[r] - hp[r] + c + pr[r];
-                            mt = row[r] > mt ? row[r] : mt;
+                    /* LANES independent running maxima: no loop-carried chain, vectorisable (max is exact in
+                     * any order) */
+                    float mx[LANES];
+                    for (int j = 0; j < LANES; j++)
+                        mx[j] = -INFINITY;
+                    int64_t r = 0;
+                    for (; r + LANES <= n_r; r += LANES)
+                        for (int j = 0; j < LANES; j++) {
+                            const float v = row[r + j] - hp[r + j] + c + (pr ? pr[r + j] : 0.0f);
+                            row[r + j] = v;
+                            mx[j] = v > mx[j] ? v : mx[j];
                         }
-                    } else {
-                        for (int64_t r = 0; r < n_r; r++) {
-                            row[r] = row[r] - hp[r] + c;
-                            mt = row[r] > mt ? row[r] : mt;
-                        }
+                    for (; r < n_r; r++) {
+                        const float v = row[r] - hp[r] + c + (pr ? pr[r] : 0.0f);
+                        row[r] = v;
+                        mx[0] = v > mx[0] ? v : mx[0];
                     }
+                    float mt = -INFINITY;
+                    for (int j = 0; j < LANES; j++)
+                        mt = mx[j] > mt ? mx[j] : mt;
+                    row_top[k * n_t + t] = mt;
                     m = mt > m ? mt : m;
                 }
             }
-            /* sum of exp over the samples within `cut` of the maximum; those within `cut` are the candidates */
+            /* sum of exp over the samples within `cut` of the maximum; those within `cut` are the candidates
+             * (rows whose maximum lies below are skipped whole) */
             const float floor_v = (float)(m - cut);
             double z = 0.0;
             int64_t n_c = 0;
             for (int64_t k = 0; k < n_k; k++)
                 for (int64_t t = 0; t < n_t; t++) {
+                    if (!(row_top[k * n_t + t] >= floor_v))
+                        continue;
                     const float *row = ll + ((k * n_b + b) * n_t + t) * n_r;
                     const int64_t base = (k * n_t + t) * n_r;
                     for (int64_t r = 0; r < n_r; r++)
@@ -134,6 +149,7 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
             count[b] = kept;
             covered[b] = cum;
         }
+        free(row_top);
         free(cand);
     }
 }
@@ -145,8 +161,6 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
  * fine_cross: out[s][j][m] = Re sum_p conj(a_j) * table[inv[s][m]] (x = w C X: the likelihood's cross term).
  * Lane-wise partial sums (8 lanes, fixed order), so the result is the same for any vector width and thread
  * count. */
-#define LANES 8
-
 static void shifted(const float *x, const float *ph, int64_t n_pix, float *a)
 {
     for (int64_t p = 0; p < n_pix; p++) {

@@ -146,6 +146,20 @@ void density_iteration(float *d, const float *w, const uint8_t *live, float *t1,
     }
 }
 
+typedef float v4f __attribute__((vector_size(16)));
+
+static inline v4f load4(const float *p)
+{
+    v4f v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store4(float *p, v4f v)
+{
+    __builtin_memcpy(p, &v, sizeof v);
+}
+
 /* Trilinear value at padded frequency (x, y, z) of a half-grid Fourier cube, cube[z][y][x][2] (interleaved
  * re, im) with x = 0 .. h and y, z = -h .. h (index + h), d = 2h + 1. A frequency with x < 0 is read at its
  * Friedel mate (-k, complex conjugate). Corners outside the cube count as zero. */
@@ -162,6 +176,20 @@ static inline void sample_half_one(const float *cube, int64_t h, float x, float 
     }
     y += (float)h;
     z += (float)h;
+    if (y >= 0.0f && z >= 0.0f) {
+        /* x, y, z >= 0: truncation is the floor (no rounding call); all 8 corners inside is the common case */
+        const int64_t x0 = (int64_t)x, y0 = (int64_t)y, z0 = (int64_t)z;
+        if (x0 + 1 < nx && y0 + 1 < d && z0 + 1 < d) {
+            const float fx = x - (float)x0, fy = y - (float)y0, fz = z - (float)z0;
+            const float *c = cube + z0 * sz + y0 * sy + x0 * 2;
+            /* the corners x0 and x0 + 1 of a (y, z) row are 4 adjacent floats (re, im, re, im): one vector each */
+            v4f a = load4(c) * ((1 - fz) * (1 - fy)) + load4(c + sy) * ((1 - fz) * fy);
+            a += load4(c + sz) * (fz * (1 - fy)) + load4(c + sz + sy) * (fz * fy);
+            out[0] = a[0] * (1 - fx) + a[2] * fx;
+            out[1] = conj * (a[1] * (1 - fx) + a[3] * fx);
+            return;
+        }
+    }
     const float fx0 = floorf(x), fy0 = floorf(y), fz0 = floorf(z);
     const int64_t x0 = (int64_t)fx0, y0 = (int64_t)fy0, z0 = (int64_t)fz0;
     const float fx = x - fx0, fy = y - fy0, fz = z - fz0;
@@ -239,33 +267,36 @@ void backproject_half(float *acc, int64_t h, const float *rot, int64_t n_rot, co
                 float x = kx * a[0] + ky * a[3], z = kx * a[2] + ky * a[5];
                 const float sign = x < 0 ? -1.0f : 1.0f;
                 z = sign * z + (float)h;
-                const float fz0 = floorf(z);
-                const int64_t z0 = (int64_t)fz0;
+                if (!(z >= 0.0f))  /* a corner below 0: skipped (as every sample not wholly inside) */
+                    continue;
+                const int64_t z0 = (int64_t)z;  /* z >= 0: truncation is the floor */
                 if (z0 + 1 < zlo || z0 >= zhi)
                     continue;
                 x = sign * x;
                 const float y = sign * (kx * a[1] + ky * a[4]) + (float)h;
-                const float fx0 = floorf(x), fy0 = floorf(y);
-                const int64_t x0 = (int64_t)fx0, y0 = (int64_t)fy0;
-                if (x0 < 0 || y0 < 0 || z0 < 0 || x0 + 1 >= nx || y0 + 1 >= d || z0 + 1 >= d)
+                if (!(y >= 0.0f))
                     continue;
-                const float fx = x - fx0, fy = y - fy0, fz = z - fz0;
+                const int64_t x0 = (int64_t)x, y0 = (int64_t)y;
+                if (x0 + 1 >= nx || y0 + 1 >= d || z0 + 1 >= d)
+                    continue;
+                const float fx = x - (float)x0, fy = y - (float)y0, fz = z - (float)z0;
                 const int64_t i = r * n_pix + p;
-                const float v[3] = {vals[2 * i], sign * vals[2 * i + 1], w[i]};
-                const float wyx[4] = {(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx};
-                const int64_t off[4] = {0, 3, sy, sy + 3};
+                const float v0 = vals[2 * i], v1 = sign * vals[2 * i + 1], v2 = w[i];
+                /* corners x0 and x0 + 1 of a (y, z) row: 6 adjacent floats (re, im, weight) x 2 */
+                const v4f lo = {v0 * (1 - fx), v1 * (1 - fx), v2 * (1 - fx), v0 * fx};
+                const float e1 = v1 * fx, e2 = v2 * fx;
                 for (int64_t kz = 0; kz < 2; kz++) {
                     const int64_t zz = z0 + kz;
                     if (zz < zlo || zz >= zhi)
                         continue;
                     const float wz = kz ? fz : 1 - fz;
                     float *base = acc + zz * sz + y0 * sy + x0 * 3;
-                    for (int k = 0; k < 4; k++) {
-                        float *q = base + off[k];
-                        const float wk = wz * wyx[k];
-                        q[0] += wk * v[0];
-                        q[1] += wk * v[1];
-                        q[2] += wk * v[2];
+                    for (int ky = 0; ky < 2; ky++) {
+                        float *q = base + ky * sy;
+                        const float wk = wz * (ky ? fy : 1 - fy);
+                        store4(q, load4(q) + lo * wk);
+                        q[4] += wk * e1;
+                        q[5] += wk * e2;
                     }
                 }
             }
