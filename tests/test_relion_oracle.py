@@ -109,7 +109,7 @@ def test_model_star_statistics_in_relion_units_agree_with_relion_refine(relion_d
     assert main(["class3d", "--i", str(tmp_path / "sub.star"), "--ref", str(tmp_path / "ref.mrc"), "--o",
                  str(tmp_path / "S"), "--K", "1", "--iter", "3", "--ini-high", "30", "--tau2-fudge", "4",
                  "--particle-diameter", "110", "--flatten-solvent", "--zero-mask", "--ctf", "--healpix-order", "1",
-                 "--offset-range", "3", "--offset-step", "2", "--seed", "1", "--quiet"]) == 0
+                 "--offset-range", "3", "--offset-step", "2", "--seed", "1", "--no-norm", "--quiet"]) == 0
     theirs = read_star(tmp_path / "R" / "run_it001_model.star")
     ours = read_star(tmp_path / "S" / "run_it001_model.star")
     shells = slice(1, 29)
@@ -130,3 +130,46 @@ def test_model_star_statistics_in_relion_units_agree_with_relion_refine(relion_d
     print("<Pmax> RELION", pmax[0], "spa3d", pmax[1])
     diff = np.abs(np.subtract(*pmax))
     assert diff[0] < 0.06 and diff[1] < 0.08 and diff[2] < 0.15  # iteration 3: spa3d a little sharper (0.87 / 0.76)
+
+
+def test_normalisation_correction_agrees_with_relion_refine(relion_dataset, relion, tmp_path):
+    """RELION's --norm: 300 particles of which the first 100 are 1.6 times too bright (a normalisation error
+    that relion_preprocess can make when the background is uneven). After 3 iterations of classification
+    (K=1) spa3d's rlnNormCorrection of every particle agrees with relion_refine's on the same data, in absolute
+    value (RELION's Fourier normalisation), and both find the 1.6."""
+    from spa3d.fourier.filters import lowpass
+    from spa3d.io.mrc import write_map, write_stack
+    from spa3d.io.star import read_star, write_star
+
+    d = relion_dataset
+    t = read_star(d / "noisy.star")
+    parts = t["particles"].iloc[:300].copy()
+    imgs = ParticleSet(d / "noisy.star").read(np.arange(300)).astype(np.float32)
+    bright = np.arange(300) < 100
+    imgs[bright] *= 1.6
+    write_stack(tmp_path / "scaled.mrcs", imgs, 2.0)
+    parts["rlnImageName"] = [f"{i + 1:06d}@scaled.mrcs" for i in range(300)]
+    write_star(tmp_path / "sub.star", {"optics": t["optics"], "particles": parts})
+    truth, apix = read_map(d / "truth_class001.mrc")
+    write_map(tmp_path / "ref.mrc", lowpass(truth, apix, 30.0), apix)
+    (tmp_path / "R").mkdir()
+    relion("relion_refine", "--i", "sub.star", "--ref", "ref.mrc", "--o", "R/run", "--K", "1", "--iter", "3",
+           "--ini_high", "30", "--tau2_fudge", "4", "--particle_diameter", "110", "--flatten_solvent", "--zero_mask",
+           "--ctf", "--ctf_corrected_ref", "--oversampling", "1", "--healpix_order", "1", "--offset_range", "3",
+           "--offset_step", "2", "--sym", "C1", "--pad", "2", "--j", "2", "--random_seed", "1", "--norm",
+           "--dont_combine_weights_via_disc", "--pool", "30", cwd=tmp_path)
+    assert main(["class3d", "--i", str(tmp_path / "sub.star"), "--ref", str(tmp_path / "ref.mrc"), "--o",
+                 str(tmp_path / "S"), "--K", "1", "--iter", "3", "--ini-high", "30", "--tau2-fudge", "4",
+                 "--particle-diameter", "110", "--flatten-solvent", "--zero-mask", "--ctf", "--healpix-order", "1",
+                 "--offset-range", "3", "--offset-step", "2", "--seed", "1", "--quiet"]) == 0
+    theirs = read_star(tmp_path / "R" / "run_it003_data.star")["particles"]
+    ours = read_star(tmp_path / "S" / "run_it003_data.star")["particles"]
+    n_r = theirs.set_index("rlnImageName")["rlnNormCorrection"].reindex(parts["rlnImageName"]).to_numpy()
+    n_o = ours.set_index("rlnImageName")["rlnNormCorrection"].reindex(parts["rlnImageName"]).to_numpy()
+    ratio = n_o / n_r
+    print("norm RELION", n_r[:5], n_r[-5:], "\nnorm spa3d", n_o[:5], n_o[-5:], "\nratio median", np.median(ratio))
+    assert 0.95 < np.median(ratio) < 1.05 and np.percentile(np.abs(ratio - 1), 90) < 0.05
+    for norm in (n_r, n_o):
+        assert abs(np.median(norm[bright]) / np.median(norm[~bright]) - 1.6) < 0.05
+    avg = float(read_star(tmp_path / "S" / "run_it003_model.star")["model_general"]["rlnNormCorrectionAverage"].iloc[0])
+    assert abs(avg / n_o.mean() - 1) < 0.05

@@ -67,7 +67,7 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
                        sigma_ang: float, backprojectors: list[BackProjector] | None = None,
                        allowed_class: torch.Tensor | None = None, adaptive_fraction: float = 0.999,
                        max_significant: int = 256, half: torch.Tensor | None = None,
-                       chunk_bytes: int = 128 << 20) -> BatchResult:
+                       chunk_bytes: int = 128 << 20, norm_stats: bool = False) -> BatchResult:
     """E-step (and M-step sums) of one batch, searching each image's neighbourhood only.
 
     x_full (B, n, n//2+1): image FTs shifted by ``old_offsets`` (B, 2) pixels;
@@ -139,6 +139,8 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
 
     out, sums = batch_outputs(b, k_cls, int(px_fine.shell.max()) + 1, dev)
     sums["flops"], sums["poses"] = flops, float(b * k_cls * n_t * n_j)
+    if norm_stats:  # each image's residual power (see search.BatchResult.residual_image)
+        sums["res_image"] = torch.zeros(b, dtype=torch.float64, device=dev)
     _fine_pass(img, flat_grid, b, torch.ones(b, dtype=torch.bool, device=dev), x_full, ctf_full, old_offsets, grid,
                projectors, px_fine, sigma2_shell, log_class_prior, k_cls, False, prior_t, prior_r, backprojectors,
                512, out, sums, False, half, fraction=adaptive_fraction)

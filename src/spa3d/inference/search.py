@@ -101,6 +101,9 @@ class BatchResult:
     poses: float = 0.0  # (class, rotation, translation) samples scored, summed over the batch's images
     residual_terms: np.ndarray | None = None  # (3, nsh) residual_shell's terms (see likelihood.residual_power_terms)
     rot_weight: np.ndarray | None = None  # (K, Rc) Σ posterior per (class, coarse rotation), with a direction prior
+    # (B,) with ``norm_stats``: Σ_poses p·Σ m·|X·S − C·P|² over the fine pixels, no σ² (RELION's statistics of
+    # the per-image normalisation correction; images marginalised over the coarse grid: at their best pose)
+    residual_image: np.ndarray | None = None
 
 
 def significant_samples(ll: torch.Tensor, fraction: float, max_samples: int):
@@ -175,7 +178,8 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
                  adaptive_fraction: float = 0.999, max_significant: int = 256,
                  prior_rot: torch.Tensor | None = None, sigma_ang: float | None = None,
                  marginalise_broad: bool = True, pair_chunk: int = 512, residual: bool = False,
-                 half: torch.Tensor | None = None, log_dir_prior: torch.Tensor | None = None) -> BatchResult:
+                 half: torch.Tensor | None = None, log_dir_prior: torch.Tensor | None = None,
+                 norm_stats: bool = False) -> BatchResult:
     """E-step (and M-step sums) for one batch.
 
     x_full: (B, n, n//2+1) complex image FTs shifted by the old offsets;
@@ -196,6 +200,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     log_dir_prior: (K, Rc) log prior of each (class, coarse rotation), RELION's pdf_direction (which holds the
     class's mass, so it replaces ``log_class_prior``); the fine samples take their coarse parent's. The result's
     ``rot_weight`` (K, Rc) then sums the posterior of every (class, coarse rotation) for the M-step.
+    norm_stats: also return each image's posterior-weighted residual power (``residual_image``).
     """
     dev = x_full.device
     b = x_full.shape[0]
@@ -254,6 +259,8 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     out, sums = batch_outputs(b, k_cls, int(px_fine.shell.max()) + 1, dev)
     if log_dir_prior is not None:
         sums["rot_weight"] = torch.zeros((k_cls, grid.coarse_rot.shape[0]), dtype=torch.float64, device=dev)
+    if norm_stats:
+        sums["res_image"] = torch.zeros(b, dtype=torch.float64, device=dev)
     n_pc, n_tc, n_rc = xc.shape[1], grid.coarse_trans.shape[0], grid.coarse_rot.shape[0]
     sums["flops"] += k_cls * (2.0 * b * n_tc * 2 * n_pc * n_rc + 2.0 * b * n_pc * n_rc)  # cross and power GEMMs
     sums["poses"] += float(b * k_cls * n_tc * n_rc)
@@ -292,7 +299,8 @@ def batch_result(out: dict, sums: dict, n_sig: torch.Tensor) -> BatchResult:
                        residual_power(sums["res_terms"]).cpu().numpy(), sums["pix_shell"].cpu().numpy(),
                        out["xa"].cpu().numpy(), out["aa"].cpu().numpy(), sums["flops"], sums["poses"],
                        sums["res_terms"].cpu().numpy(),
-                       sums["rot_weight"].cpu().numpy() if "rot_weight" in sums else None)
+                       sums["rot_weight"].cpu().numpy() if "rot_weight" in sums else None,
+                       sums["res_image"].cpu().numpy() if "res_image" in sums else None)
 
 
 def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowed_class, log_prior_t, log_prior_r,
@@ -495,6 +503,9 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
             acc_ri.index_add_(0, inv_m[s0:s1].reshape(-1),
                               torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
         acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
+    if "res_image" in sums:
+        sums["res_image"][sharp] = _image_residuals(xf, cf, p_fine, phases_f, table, table_ri, img_m, child_t_m,
+                                                    inv_m, post_m, b, pair_chunk)[sharp]
     # rows (half, class, fine rotation) that some significant sample reached: the only ones to insert
     live = (wrow.sum(0) > 0).nonzero()[:, 0]
     acc, table_l, u_dest_l, u_rot_l = acc[live], table[live], u_dest[live], u_rot[live]
@@ -510,6 +521,25 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
             if len(sel):
                 bp.insert_pixels(acc[sel], acc_w[sel], grid.fine_rot[u_rot_l[sel]], p_fine.kx, p_fine.ky)
 
+
+
+def _image_residuals(xf, cf, p_fine, phases_f, table, table_ri, img, child_t, inv, post, b, pair_chunk):
+    """(B,) float64 Σ_pairs Σ_(j,m) post·Σ_p m·|X·S_j − C·P_m|² of each image (σ²-free; see BatchResult)."""
+    m = p_fine.multiplicity.to(torch.float32)
+    n_p = xf.shape[1]
+    xm = xf * (cf * m)
+    cross = kernels.fine_cross(xm, phases_f, table, img, child_t, inv)  # (S, 4, 8) Re Σ m·conj(C·X·S)·P
+    if cross is None:
+        parts = []
+        for s0 in range(0, len(img), pair_chunk):
+            s1 = min(len(img), s0 + pair_chunk)
+            a = xm[img[s0:s1]][:, None, :] * phases_f[child_t[s0:s1]]
+            parts.append(torch.bmm(torch.view_as_real(a).reshape(-1, 4, 2 * n_p), table_ri[inv[s0:s1]].transpose(1, 2)))
+        cross = torch.cat(parts) if parts else torch.zeros((0, 4, 8), device=xf.device)
+    power = (cf * cf * m) @ (table.real**2 + table.imag**2).T  # (B, U) Σ m·C²|P|²
+    per_pair = (post * (power[img[:, None], inv][:, None, :] - 2 * cross)).sum((1, 2))
+    norm_x = ((xf.real**2 + xf.imag**2) * m).sum(1).double()
+    return norm_x + torch.zeros(b, dtype=torch.float64, device=xf.device).index_add_(0, img, per_pair.double())
 
 
 def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell, k_cls,
@@ -561,6 +591,8 @@ def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p
     sums["pix_shell"].index_add_(0, p_fine.shell, m.double() * bb)
     out["xa"][sel] = ((xs_best.real * cp.real + xs_best.imag * cp.imag) * m).sum(1)
     out["aa"][sel] = ((cp.real**2 + cp.imag**2) * m).sum(1)
+    if "res_image" in sums:  # at the best pose (the posterior is broad here; documented in BatchResult)
+        sums["res_image"][sel] = ((xs_best - cp).abs() ** 2 * m).sum(1).double()
     cxs = (xf[:, None, :] * phases[None] * cf[:, None, :]).reshape(bb * n_tc, -1)  # (B'·Tc, P)
     c2 = cf * cf
     x_term = xf  # the images' power enters the residual sum once

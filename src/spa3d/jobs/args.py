@@ -80,6 +80,9 @@ def add_ml_options(p: argparse.ArgumentParser, ini_high: float, maps: str) -> No
     p.add_argument("--firstiter-cc", action="store_true",
                    help="first iteration by cross-correlation (reference not on absolute greyscale)")
     p.add_argument("--sym", default="C1", help="point group (default C1)")
+    p.add_argument("--norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="normalisation correction: each image scaled to the average noise level, its scale "
+                   "written as rlnNormCorrection (RELION's --norm, on in its GUI; default on)")
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -98,5 +101,5 @@ def ml_option_values(a) -> dict:
     return dict(healpix_order=order, offset_range=a.offset_range, offset_step=a.offset_step, ini_high=a.ini_high,
                 particle_diameter=a.particle_diameter, zero_mask=a.zero_mask, flatten_solvent=a.flatten_solvent,
                 ctf=a.ctf, ctf_intact_first_peak=a.ctf_intact_first_peak, ctf_phase_flipped=a.ctf_phase_flipped,
-                firstiter_cc=a.firstiter_cc, perturb=a.perturb, symmetry=a.sym, batch_size=a.batch_size, seed=a.seed, dry_run=a.dry_run,
+                firstiter_cc=a.firstiter_cc, perturb=a.perturb, norm_correction=a.norm, symmetry=a.sym, batch_size=a.batch_size, seed=a.seed, dry_run=a.dry_run,
                 device=a.device, threads=a.threads, workers=a.workers, dask_scheduler=a.dask_scheduler)

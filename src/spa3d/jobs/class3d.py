@@ -123,6 +123,7 @@ class Class3dOptions:
     sigma_ang: float = -1.0  # degrees; > 0: local searches around the previous pose
     perturb: float = 0.5  # RELION's --perturb: the global search grid moves by up to this fraction of its steps
     direction_prior: bool = False  # RELION's pdf_direction, a prior over (class, viewing direction): off (measured)
+    norm_correction: bool = True  # RELION's --norm (on in its GUI): each image scaled to the average noise level
     incr_size: int = 10
     adaptive_fraction: float = 0.999
     max_significant: int = 256
@@ -160,6 +161,8 @@ class Class3dState:
     rng_state: dict = field(default_factory=dict)
     pdf_direction: np.ndarray | None = None  # (K, D) prior of (class, direction) at HEALPix order pdf_direction_order
     pdf_direction_order: int = -1
+    norm: np.ndarray | None = None  # (N,) RELION's rlnNormCorrection of every particle (None: not corrected)
+    avg_norm: float = 1.0  # their average (model.star's rlnNormCorrectionAverage)
 
 
 def _save_state(path: Path, st: Class3dState) -> None:
@@ -171,6 +174,7 @@ def _save_state(path: Path, st: Class3dState) -> None:
                      classes=st.classes, map_radius=st.map_radius, **{f"stat_{k}": v for k, v in st.stats.items()},
                      **({} if st.pdf_direction is None else {"pdf_direction": st.pdf_direction,
                                                             "pdf_direction_order": st.pdf_direction_order}),
+                     **({} if st.norm is None else {"norm": st.norm, "avg_norm": st.avg_norm}),
                      rng=np.frombuffer(json.dumps(st.rng_state).encode(), dtype=np.uint8))
 
 
@@ -182,7 +186,9 @@ def _load_state(path: Path) -> Class3dState:
                             float(z["best_resolution_shell"]), z["offsets_px"].copy(), z["angles"].copy(),
                             z["classes"].copy(), float(z["map_radius"]), stats, json.loads(bytes(z["rng"]).decode()),
                             z["pdf_direction"].copy() if "pdf_direction" in z.files else None,
-                            int(z["pdf_direction_order"]) if "pdf_direction_order" in z.files else -1)
+                            int(z["pdf_direction_order"]) if "pdf_direction_order" in z.files else -1,
+                            z["norm"].copy() if "norm" in z.files else None,
+                            float(z["avg_norm"]) if "avg_norm" in z.files else 1.0)
 
 
 def _image_mask(n: int, radius_px: float) -> torch.Tensor:
@@ -288,10 +294,10 @@ def _write_iteration_files(files: IterationFiles, job: Path, ps: ParticleSet, ma
         names.append(str(name))
     general = {"rlnCurrentResolution": float(ps.box * apix / max(st.best_resolution_shell, 1e-3)),
                "rlnCurrentImageSize": int(min(ps.box, 2 * round(st.r_current))), "rlnTau2FudgeFactor": o.tau2_fudge,
-               "rlnSigmaOffsetsAngst": st.sigma_offset_px * apix}
+               "rlnSigmaOffsetsAngst": st.sigma_offset_px * apix, "rlnNormCorrectionAverage": st.avg_norm}
     write_star(files.path(job / f"run_it{it:03d}_model.star"),
                model_star_blocks(ps, names, st.class_fractions, class_info, st.sigma2, st.group_scale, general))
-    particles_table(ps, st.angles, st.offsets_px, st.classes, st.stats).write(
+    particles_table(ps, st.angles, st.offsets_px, st.classes, norm_stats(st)).write(
         files.path(job / f"run_it{it:03d}_data.star"))
     _save_state(files.path(job / f"run_it{it:03d}_state.npz"), st)
     optimiser = files.path(job / f"run_it{it:03d}_optimiser.star")
@@ -360,6 +366,34 @@ def model_star_blocks(ps: ParticleSet, names: list[str], class_fractions: np.nda
 
 
 
+def norm_stats(st) -> dict:
+    """A state's per-particle statistics with its normalisation corrections ("norm"), for :func:`particles_table`."""
+    return st.stats if st.norm is None else {**st.stats, "norm": st.norm}
+
+
+def input_norm(ps: ParticleSet) -> np.ndarray:
+    """The particles' rlnNormCorrection where the STAR file has (positive) values, else 1 (RELION's start)."""
+    p = ps.table.particles
+    if "rlnNormCorrection" not in p:
+        return np.ones(len(p))
+    v = np.asarray(p["rlnNormCorrection"], dtype=float)
+    return np.where(np.isfinite(v) & (v > 0), v, 1.0)
+
+
+def update_norm(norm: np.ndarray, avg_norm: float, idx: np.ndarray, residual: np.ndarray, n: int) -> float:
+    """RELION's normalisation correction (ml_optimiser.cpp, storeWeightedSums), in place on ``norm[idx]``.
+
+    residual: each image's posterior-weighted residual power Σ p·Σ m|X·S − C·P|² over the E-step's pixels plus
+    its power Σ m|X|² beyond them (spa3d's unnormalised FFT: Σ over the half plane with multiplicities is
+    n² × the real-space Σ), of the image already scaled by ``avg_norm / norm``. The new correction is the old
+    one / ``avg_norm`` × the residual's real-space RMS per pixel, so it tends to each image's own noise level.
+    Returns the new average over ``idx`` (RELION: over the particles of the iteration).
+    """
+    rms = np.sqrt(np.maximum(residual, 0.0)) / float(n) ** 2
+    norm[idx] = norm[idx] / avg_norm * rms
+    return float(norm[idx].mean())
+
+
 def particles_table(ps: ParticleSet, angles: np.ndarray, offsets_px: np.ndarray, classes: np.ndarray, stats: dict):
     """The particles' table with their poses (degrees; offsets in pixels, written in Å), classes and statistics."""
     table = ps.table.copy()
@@ -369,7 +403,7 @@ def particles_table(ps: ParticleSet, angles: np.ndarray, offsets_px: np.ndarray,
     p["rlnOriginXAngst"] = offsets_px[:, 0] * ps.pixel_size
     p["rlnOriginYAngst"] = offsets_px[:, 1] * ps.pixel_size
     p["rlnClassNumber"] = classes.astype(int)
-    p["rlnNormCorrection"] = 1.0
+    p["rlnNormCorrection"] = stats.get("norm", 1.0)
     p["rlnLogLikeliContribution"] = stats.get("log_likelihood", np.zeros(len(p)))
     p["rlnMaxValueProbDistribution"] = stats.get("pmax", np.zeros(len(p)))
     p["rlnNrOfSignificantSamples"] = np.asarray(stats.get("n_significant", np.zeros(len(p)))).astype(int)
@@ -461,6 +495,7 @@ class EStepChunk:
     device: str
     threads: int | None = None
     pdf_direction: np.ndarray | None = None  # (K, D) RELION's prior of (class, direction) at ``order``; None: none
+    norm_factor: np.ndarray | None = None  # (B,) each image's scale avg_norm / norm (RELION's --norm); None: none
 
 
 @dataclass
@@ -486,6 +521,7 @@ class EStepResult:
     flops: float = 0.0  # floating-point operations of the E-step's products
     poses: float = 0.0  # samples scored, summed over the particles
     rot_weight: np.ndarray | None = None  # (K, Rc) Σ posterior per (class, coarse rotation), with a direction prior
+    norm_residual: np.ndarray | None = None  # (B,) with norm factors: residual power of each image (update_norm)
 
 
 _GRID_CACHE: dict = {}
@@ -565,12 +601,18 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
     out = EStepResult(ch.indices, ch.offsets_px.copy(), ch.angles.copy(), np.zeros(m, dtype=int), np.zeros(m),
                       np.zeros(m, dtype=int), np.zeros(m), np.zeros(m), np.zeros(m), np.zeros(k_cls),
                       np.zeros((3, n // 2 + 1)), np.zeros(n // 2 + 1), np.zeros(ch.n_groups), np.zeros(ch.n_groups), 0.0, [])
+    norm = ch.norm_factor is not None
+    if norm:
+        out.norm_residual = np.zeros(m)
+        px_all = FourierPixels.make(n, n // 2, device=device)
     for j, s in enumerate(range(0, m, ch.batch_size)):
         sl = slice(s, min(s + ch.batch_size, m))
         idx = ch.indices[sl]
         rng = np.random.default_rng([ch.seed, ch.iteration, ch.first_batch + j])
         imgs = ps.read(idx)
         x = rfft2_centered(_prepare_images(imgs, mask2d, o.zero_mask, rng)).to(device)
+        if norm:
+            x = x * torch.as_tensor(ch.norm_factor[sl], dtype=torch.float32, device=device)[:, None, None]
         old = torch.as_tensor(ch.offsets_px[sl], dtype=torch.float32, device=device)
         x = x * phase_shift_2d(n, old.double()).to(x.dtype)
         if o.ctf:
@@ -583,12 +625,12 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
         half = None if ch.halves is None else torch.as_tensor(ch.halves[sl], dtype=torch.long, device=device)
         if o.skip_align:
             rots = torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32, device=device)
-            r = _skip_align_batch(x, c, rots, projectors, px_f, sigma2_t, log_prior, bps, allowed, half)
+            r = _skip_align_batch(x, c, rots, projectors, px_f, sigma2_t, log_prior, bps, allowed, half, norm)
         elif local:
             prior_rot = torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32, device=device)
             r = local_search_batch(x, c, old, prior_rot, local_grid, local_t[0], local_t[1], projectors, px_c, px_f,
                                    sigma2_t, log_prior, ch.sigma_offset_px, o.sigma_ang, bps, allowed,
-                                   o.adaptive_fraction, o.max_significant, half=half)
+                                   o.adaptive_fraction, o.max_significant, half=half, norm_stats=norm)
             out.offsets_px[sl] = ch.offsets_px[sl] + r.best_translation
             out.angles[sl] = np.stack(matrix_to_euler(r.best_rotation.astype(np.float64)), 1)
         else:
@@ -596,12 +638,17 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
                          if o.sigma_ang > 0 else None)
             r = search_batch(x, c, old, grid, projectors, coarse_refs, px_c, px_f, sigma2_t, log_prior,
                              ch.sigma_offset_px, bps, allowed, ch.hard, o.adaptive_fraction, o.max_significant,
-                             prior_rot, o.sigma_ang, o.marginalise_broad, half=half, log_dir_prior=log_dir)
+                             prior_rot, o.sigma_ang, o.marginalise_broad, half=half, log_dir_prior=log_dir,
+                             norm_stats=norm)
             if r.rot_weight is not None:
                 out.rot_weight = r.rot_weight if out.rot_weight is None else out.rot_weight + r.rot_weight
             out.offsets_px[sl] = ch.offsets_px[sl] + r.best_translation
             out.angles[sl] = np.stack(matrix_to_euler(r.best_rotation.astype(np.float64)), 1)
         out.classes[sl] = r.best_class + 1
+        if norm:  # and the image's power beyond the E-step's radius (RELION: exp_power_img of those shells)
+            def power(px):
+                return ((px.take(x).abs() ** 2) * px.multiplicity.to(torch.float32)).sum(1).double()
+            out.norm_residual[sl] = r.residual_image + (power(px_all) - power(px_f)).clamp_min(0).cpu().numpy()
         out.pmax[sl], out.n_significant[sl], out.log_likelihood[sl] = r.max_posterior, r.n_significant, r.log_evidence
         out.rot_spread[sl], out.trans_spread[sl] = r.rot_spread_deg, r.trans_spread_px
         out.class_post_sum += r.class_posterior.sum(0)
@@ -627,6 +674,8 @@ def _combine(results: list[EStepResult]) -> EStepResult:
     cat = {f: np.concatenate([getattr(r, f) for r in results]) for f in
            ("indices", "offsets_px", "angles", "classes", "pmax", "n_significant", "log_likelihood", "rot_spread",
             "trans_spread")}
+    if first.norm_residual is not None:
+        cat["norm_residual"] = np.concatenate([r.norm_residual for r in results])
     sums = {f: sum(getattr(r, f) for r in results) for f in
             ("class_post_sum", "res_terms", "pix_shell", "xa_g", "aa_g", "off_sq", "flops", "poses")}
     acc = [sum(r.acc[k].cpu() for r in results) for k in range(len(first.acc))]
@@ -773,6 +822,10 @@ def _set_up(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
         st = Class3dState(0, initial_sigma2(ps, mask2d, o, rng), np.full(o.n_classes, 1.0 / o.n_classes),
                           o.initial_sigma_offset / apix, np.ones(n_groups), float(r0), float(r0), ps.origins_px(),
                           angles0, np.zeros(n_part, dtype=int))
+    if o.norm_correction and st.norm is None:
+        st.norm, st.avg_norm = input_norm(ps), 1.0
+    elif not o.norm_correction:
+        st.norm = None
     if o.skip_align and "rlnAngleRot" not in ps.table.particles:
         raise InputError(star, "--skip-align needs rlnAngleRot/Tilt/Psi in the particles")
     if o.sigma_ang > 0 and "rlnAngleRot" not in ps.table.particles and st.iteration == 0:
@@ -845,7 +898,8 @@ def _e_step(run: _RunSetup, o: Class3dOptions, maps: np.ndarray, st: Class3dStat
                           st.sigma2, st.class_fractions, st.sigma_offset_px, st.offsets_px[sel], st.angles[sel],
                           scale_all[sel], run.groups[sel], run.n_groups, plan.allowed[sel], run.halves[sel], o,
                           plan.order, plan.r_cur, plan.r_coarse, plan.hard, run.radius_px, dev, threads,
-                          direction_prior(o, st, plan.order))
+                          direction_prior(o, st, plan.order),
+                          None if st.norm is None else st.avg_norm / st.norm[sel])
 
     prog = Progress(len(plan.todo), label=f"iteration {plan.it}/{o.n_iter}: ")
     return run_estep(plan.todo, bs, chunk, run.device, run.cluster, prog)
@@ -898,6 +952,10 @@ def _m_step(run: _RunSetup, o: Class3dOptions, maps: np.ndarray, st: Class3dStat
         st.pdf_direction, st.pdf_direction_order = w / max(w.sum(), 1e-300), plan.order
     if not o.skip_align:
         st.sigma_offset_px = float(np.sqrt(off_sq / (2 * len(plan.todo))))
+    # RELION's normalisation correction; not after a cross-correlation iteration (the reference was then on an
+    # arbitrary greyscale: a deliberate difference, docs/conventions.md)
+    if st.norm is not None and res_all.norm_residual is not None and not plan.hard:
+        st.avg_norm = update_norm(st.norm, st.avg_norm, idx, res_all.norm_residual, n)
     new_maps = np.empty_like(maps)
     info = {"resolution": np.zeros(k_cls), "completeness": np.zeros(k_cls), "ssnr": [], "tau2": [], "fsc": [],
             "shell_completeness": [], "accuracy_rot": np.zeros(k_cls), "accuracy_trans": np.zeros(k_cls)}
@@ -1028,7 +1086,7 @@ def _estimate(ps, maps, st, o: Class3dOptions, bs: int, device, n_warm: int, dia
     return Estimate(total, host_peak_bytes(), gpu, poses, time.perf_counter() - t0)
 
 
-def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps, allowed, half):
+def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps, allowed, half, norm_stats=False):
     """Classification only, at the particles' stored poses (--skip-align); ``allowed``, ``half`` as in search_batch."""
     from spa3d.inference.search import BatchResult
 
@@ -1059,7 +1117,9 @@ def _skip_align_batch(x, c, rots, projectors, px, sigma2, log_prior, bps, allowe
                        np.ones(b, dtype=int), lse.cpu().numpy(), post.cpu().numpy(), z, z, 0.0,
                        residual_power(terms).cpu().numpy(), pix_shell.cpu().numpy(),
                        ((xf.real * cp.real + xf.imag * cp.imag) * m).sum(1).cpu().numpy(),
-                       ((cp.abs() ** 2) * m).sum(1).cpu().numpy(), residual_terms=terms.cpu().numpy())
+                       ((cp.abs() ** 2) * m).sum(1).cpu().numpy(), residual_terms=terms.cpu().numpy(),
+                       residual_image=(torch.stack([(((xf - cf * pr).abs() ** 2) * m).sum(1) for pr in projs], 1)
+                                       * post).sum(1).double().cpu().numpy() if norm_stats else None)
 
 
 # ---- command line: ``spa3d class3d`` ----
@@ -1075,7 +1135,7 @@ CLI_OPTIONS = {"K": "n_classes", "iter": "n_iter", "tau2_fudge": "tau2_fudge", "
                "flatten_solvent": "flatten_solvent", "ctf": "ctf", "ctf_intact_first_peak": "ctf_intact_first_peak",
                "ctf_phase_flipped": "ctf_phase_flipped", "firstiter_cc": "firstiter_cc", "sym": "symmetry",
                "strict_highres_exp": "strict_highres_exp", "skip_align": "skip_align", "sigma_ang": "sigma_ang",
-               "perturb": "perturb", "direction_prior": "direction_prior",
+               "perturb": "perturb", "direction_prior": "direction_prior", "norm": "norm_correction",
                "fast_subsets": "fast_subsets", "batch_size": "batch_size", "seed": "seed", "device": "device",
                "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler",
                "dry_run": "dry_run"}

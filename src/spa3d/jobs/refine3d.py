@@ -65,9 +65,9 @@ from spa3d.io.mrc import read_map, write_map
 from spa3d.io.particles import ParticleSet
 from spa3d.io.star import write_star
 from spa3d.jobs.class3d import (MIN_RESOLUTION_SHELLS, Class3dOptions, EStepChunk, EStepResult, _batch_size,
-                                _class_fsc, _combine, _groups, _image_mask, initial_sigma2, load_reference,
-                                model_star_blocks, open_particles, particles_table, random_halves, resolution_shell,
-                                run_estep)
+                                _class_fsc, _combine, _groups, _image_mask, initial_sigma2, input_norm,
+                                load_reference, model_star_blocks, norm_stats, open_particles, particles_table,
+                                random_halves, resolution_shell, run_estep, update_norm)
 from spa3d.jobs.progress import EStepRate, Progress
 from spa3d.maps.align import _corr_many, relative_orientation, transform_map, transform_poses
 from spa3d.maps.transform import fourier_resample
@@ -102,6 +102,7 @@ class Refine3dOptions:
     ctf_phase_flipped: bool = False
     firstiter_cc: bool = False
     perturb: float = 0.5  # RELION's --perturb (global searches)
+    norm_correction: bool = True  # RELION's --norm (on in its GUI's Refine3D)
     symmetry: str = "C1"
     tau2_fudge: float = 1.0
     incr_size: int = 10
@@ -152,6 +153,8 @@ class RefineState:
     map_radius: float = 0.0
     fsc: np.ndarray = field(default_factory=lambda: np.zeros(0))
     reference_small: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the initial reference, box ≤ 32
+    norm: np.ndarray | None = None  # (N,) rlnNormCorrection of every particle (None: not corrected)
+    avg_norm: float = 1.0
     stats: dict = field(default_factory=dict)
     rng_state: dict = field(default_factory=dict)
 
@@ -421,6 +424,10 @@ def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster
     else:
         rng = np.random.default_rng()
         rng.bit_generator.state = st.rng_state
+    if o.norm_correction and st.norm is None:
+        st.norm, st.avg_norm = input_norm(ps), 1.0
+    elif not o.norm_correction:
+        st.norm = None
     if st.finished:
         log.info("refine3d: this run has already converged")
         return maps.sum(0), st
@@ -489,6 +496,8 @@ def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster
         upd = res.pix_shell > 0
         st.sigma2[upd] = res_shell[upd] / res.pix_shell[upd]
         st.sigma_offset_px = float(np.sqrt(res.off_sq / (2 * n_part)))
+        if st.norm is not None and res.norm_residual is not None and not hard:  # RELION's normalisation correction
+            st.avg_norm = update_norm(st.norm, st.avg_norm, idx, res.norm_residual, n)
         if o.low_resol_join_halves > 0:  # RELION's: the halves share their sums below this resolution
             res.acc = join_halves_below(res.acc, n, r_cur, n * apix / o.low_resol_join_halves, device)
         fsc = _class_fsc(res.acc[0], res.acc[1], n, r_cur, ops, device)
@@ -561,7 +570,8 @@ def _chunk_maker(ps, half_map, st, it, bs, o, e_opts, r_cur, r_coarse, hard, rad
         return EStepChunk(str(ps.star_path), str(ps.project_dir), sel, first_batch + h * 1_000_000, bs, it, o.seed,
                           half_map, st.sigma2, np.ones(1), st.sigma_offset_px, st.offsets_px[sel], st.angles[sel],
                           scale_all[sel], groups[sel], n_groups, np.full(len(sel), -1), None, e_opts, st.order,
-                          r_cur, r_coarse, hard, radius_px, dev, threads)
+                          r_cur, r_coarse, hard, radius_px, dev, threads,
+                          norm_factor=None if st.norm is None else st.avg_norm / st.norm[sel])
 
     return chunk
 
@@ -714,11 +724,11 @@ def _general(ps: ParticleSet, st: RefineState, o: Refine3dOptions) -> dict:
             "rlnCurrentImageSize": int(min(n, 2 * round(st.r_current))), "rlnTau2FudgeFactor": o.tau2_fudge,
             "rlnSigmaOffsetsAngst": st.sigma_offset_px * apix, "rlnOrientationalPriorMode": int(st.sigma_ang > 0),
             "rlnSigmaPriorRotAngle": st.sigma_ang, "rlnSigmaPriorTiltAngle": st.sigma_ang,
-            "rlnSigmaPriorPsiAngle": st.sigma_ang}
+            "rlnSigmaPriorPsiAngle": st.sigma_ang, "rlnNormCorrectionAverage": st.avg_norm}
 
 
 def _data_table(ps: ParticleSet, st: RefineState):
-    table = particles_table(ps, st.angles, st.offsets_px, np.ones(len(ps), dtype=int), st.stats)
+    table = particles_table(ps, st.angles, st.offsets_px, np.ones(len(ps), dtype=int), norm_stats(st))
     table.particles["rlnRandomSubset"] = st.halves.astype(int) + 1
     return table
 
@@ -795,7 +805,8 @@ CLI_OPTIONS = {"angular_sampling": "healpix_order", "healpix_order": "healpix_or
                "flatten_solvent": "flatten_solvent", "solvent_mask": "solvent_mask", "rescale_ref": "rescale_ref",
                "ctf": "ctf",
                "ctf_intact_first_peak": "ctf_intact_first_peak", "ctf_phase_flipped": "ctf_phase_flipped",
-               "firstiter_cc": "firstiter_cc", "perturb": "perturb", "sym": "symmetry", "tau2_fudge": "tau2_fudge",
+               "firstiter_cc": "firstiter_cc", "perturb": "perturb", "norm": "norm_correction", "sym": "symmetry",
+               "tau2_fudge": "tau2_fudge",
                "max_iter": "max_iter", "low_resol_join_halves": "low_resol_join_halves",
                "no_align_halves": "align_halves", "batch_size": "batch_size", "seed": "seed", "device": "device",
                "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler", "dry_run": "dry_run"}
