@@ -169,6 +169,10 @@ def test_fine_pass_kernels_match_torch_products():
         if threads == 1:
             acc1 = acc
     assert torch.equal(acc, acc1)  # the same sums in the same order for any thread count
+    # the power terms per pair, without the dense (B, U) product
+    a, tp = torch.rand(b, p, generator=gen), torch.rand(n_u, p, generator=gen)
+    torch.testing.assert_close(kernels.pair_power(a, tp, img, inv), (a @ tp.T)[img[:, None], inv], rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_m_step_takes_the_significant_fine_samples_as_relion():

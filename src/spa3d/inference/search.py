@@ -392,8 +392,9 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     n_pairs = len(img)
     scores = torch.empty((n_pairs, 4, 8), dtype=torch.float32, device=dev)
     norm_x = ((xf.real**2 + xf.imag**2) * wf).sum(1)  # (B,)
-    # Σ_p C²w|P|² for every (image, projection) pair of the batch as one GEMM, gathered per sample below
-    power_all = (cf * cf * wf) @ (table.real**2 + table.imag**2).T  # (B, U)
+    # Σ_p C²w|P|² of every sample's 8 child rotations (S, 8)
+    table_power = table.real**2 + table.imag**2  # (U, P)
+    power_pairs, power_flops = _pair_power(cf * cf * wf, table_power, img, inv)
     # interleaved (re, im) real views: one real batched product gives Re Σ conj(a)·P without copies
     table_ri = torch.view_as_real(table).reshape(len(table), -1)  # (U, 2P)
     n_p = xf.shape[1]
@@ -410,7 +411,7 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
             a = xw[ii][:, None, :] * phases_f[child_t[s0:s1]]  # (s, 4, P)
             proj = table_ri[inv[s0:s1]]  # (s, 8, 2P)
             cross = torch.bmm(torch.view_as_real(a).reshape(-1, 4, 2 * n_p), proj.transpose(1, 2))  # (s, 4, 8)
-        power = power_all[ii[:, None], inv[s0:s1]][:, None, :]  # (s, 1, 8)
+        power = power_pairs[s0:s1][:, None, :]  # (s, 1, 8)
         if hard:
             scores[s0:s1] = cross / power.clamp_min(1e-30).sqrt()
         else:
@@ -424,8 +425,8 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
                 ll = ll + prior_r(grid.fine_rot[child_r[s0:s1]], ii, cutoff=False)[:, None, :]
             scores[s0:s1] = ll
     n_u = len(uniq)
-    # per sample: 4 shifted images (6 flops a complex product) and 4 × 8 dot products of 2P; power as one GEMM
-    sums["flops"] += n_pairs * (24.0 + 128.0) * n_p + 2.0 * b * n_u * n_p
+    # per sample: 4 shifted images (6 flops a complex product) and 4 × 8 dot products of 2P; the power terms
+    sums["flops"] += n_pairs * (24.0 + 128.0) * n_p + power_flops
     sums["poses"] += 32.0 * n_pairs
     flat_scores = scores.reshape(n_pairs, 32)
     mx, lse = _segment_logsumexp(flat_scores, img, b)
@@ -504,8 +505,8 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
                               torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
         acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
     if "res_image" in sums:
-        sums["res_image"][sharp] = _image_residuals(xf, cf, p_fine, phases_f, table, table_ri, img_m, child_t_m,
-                                                    inv_m, post_m, b, pair_chunk)[sharp]
+        sums["res_image"][sharp] = _image_residuals(xf, cf, p_fine, phases_f, table, table_ri, table_power, img_m,
+                                                    child_t_m, inv_m, post_m, b, pair_chunk)[sharp]
     # rows (half, class, fine rotation) that some significant sample reached: the only ones to insert
     live = (wrow.sum(0) > 0).nonzero()[:, 0]
     acc, table_l, u_dest_l, u_rot_l = acc[live], table[live], u_dest[live], u_rot[live]
@@ -523,7 +524,18 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
 
 
 
-def _image_residuals(xf, cf, p_fine, phases_f, table, table_ri, img, child_t, inv, post, b, pair_chunk):
+def _pair_power(a: torch.Tensor, table_power: torch.Tensor, img: torch.Tensor, inv: torch.Tensor):
+    """(S, 8) Σ_p a[img]·table_power[inv] and its FLOPs: per pair with the compiled kernel (CPU), else one dense
+    (B, U) GEMM gathered per pair (on a GPU, few large launches)."""
+    out = kernels.pair_power(a, table_power, img, inv)
+    if out is not None:
+        return out, 2.0 * inv.numel() * a.shape[1]
+    dense = a @ table_power.T  # (B, U)
+    return dense[img[:, None], inv], 2.0 * a.shape[0] * table_power.shape[0] * a.shape[1]
+
+
+def _image_residuals(xf, cf, p_fine, phases_f, table, table_ri, table_power, img, child_t, inv, post, b,
+                     pair_chunk):
     """(B,) float64 Σ_pairs Σ_(j,m) post·Σ_p m·|X·S_j − C·P_m|² of each image (σ²-free; see BatchResult)."""
     m = p_fine.multiplicity.to(torch.float32)
     n_p = xf.shape[1]
@@ -536,8 +548,8 @@ def _image_residuals(xf, cf, p_fine, phases_f, table, table_ri, img, child_t, in
             a = xm[img[s0:s1]][:, None, :] * phases_f[child_t[s0:s1]]
             parts.append(torch.bmm(torch.view_as_real(a).reshape(-1, 4, 2 * n_p), table_ri[inv[s0:s1]].transpose(1, 2)))
         cross = torch.cat(parts) if parts else torch.zeros((0, 4, 8), device=xf.device)
-    power = (cf * cf * m) @ (table.real**2 + table.imag**2).T  # (B, U) Σ m·C²|P|²
-    per_pair = (post * (power[img[:, None], inv][:, None, :] - 2 * cross)).sum((1, 2))
+    power, _ = _pair_power(cf * cf * m, table_power, img, inv)  # (S, 8) Σ m·C²|P|²
+    per_pair = (post * (power[:, None, :] - 2 * cross)).sum((1, 2))
     norm_x = ((xf.real**2 + xf.imag**2) * m).sum(1).double()
     return norm_x + torch.zeros(b, dtype=torch.float64, device=xf.device).index_add_(0, img, per_pair.double())
 

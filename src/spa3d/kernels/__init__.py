@@ -43,7 +43,7 @@ def _load():
             p = here / f"_trilinear{suffix}"
             if p.exists():
                 lib = ctypes.CDLL(str(p))
-                if not hasattr(lib, "coarse_significant"):  # a library built from an older source
+                if not hasattr(lib, "pair_power"):  # a library built from an older source
                     continue
                 lib.trilinear_scatter_grid.restype = None
                 lib.trilinear_scatter_grid.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -66,6 +66,8 @@ def _load():
                 lib.fine_accumulate.restype = None
                 lib.fine_accumulate.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctypes.c_void_p,
                                                                                                ctypes.c_int64]
+                lib.pair_power.restype = None
+                lib.pair_power.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64]
                 lib.backproject_half.restype = None
                 lib.backproject_half.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -238,6 +240,20 @@ def fine_cross(x: torch.Tensor, phases: torch.Tensor, table: torch.Tensor, img: 
     out = torch.empty((len(im), 4, 8), dtype=torch.float32)
     _LIB.fine_cross(xr.data_ptr(), pr.data_ptr(), tr.data_ptr(), im.data_ptr(), ct.data_ptr(), iv.data_ptr(), len(im),
                     x.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def pair_power(a: torch.Tensor, table_power: torch.Tensor, img: torch.Tensor, inv: torch.Tensor) -> torch.Tensor | None:
+    """(S, 8) Σ_p a[img[s], p]·table_power[inv[s, m], p] (real (·, P) arrays): each pair's power terms without
+    the dense (B, U) product; None when the compiled kernel cannot run."""
+    if not _load() or any(t.device.type != "cpu" for t in (a, table_power, img, inv)):
+        return None
+    a_ = a.to(torch.float32).contiguous()
+    tp = table_power.to(torch.float32).contiguous()
+    im, iv = img.to(torch.int64).contiguous(), inv.to(torch.int64).contiguous()
+    out = torch.empty((len(im), 8), dtype=torch.float32)
+    _LIB.pair_power(a_.data_ptr(), tp.data_ptr(), im.data_ptr(), iv.data_ptr(), len(im), a_.shape[1], out.data_ptr(),
+                    torch.get_num_threads())
     return out
 
 

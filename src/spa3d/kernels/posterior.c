@@ -239,6 +239,21 @@ void fine_cross(const float *x, const float *phases, const float *table, const i
     }
 }
 
+/* pair_power: out[s][m] = sum_p a[img[s]][p] * tp[inv[s][m]][p] (a = w C^2, tp = |P|^2: the likelihood's power term
+ * of each pair's 8 child rotations), real arrays of n_pix floats; lane-wise sums as fine_cross. */
+void pair_power(const float *a, const float *tp, const int64_t *img, const int64_t *inv, int64_t n_pairs,
+                int64_t n_pix, float *out, int64_t nthreads)
+{
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t s = 0; s < n_pairs; s++) {
+        const float *row = a + img[s] * n_pix;
+        const int64_t *iv = inv + 8 * s;
+        dot4(tp + iv[0] * n_pix, tp + iv[1] * n_pix, tp + iv[2] * n_pix, tp + iv[3] * n_pix, row, n_pix, out + 8 * s);
+        dot4(tp + iv[4] * n_pix, tp + iv[5] * n_pix, tp + iv[6] * n_pix, tp + iv[7] * n_pix, row, n_pix,
+             out + 8 * s + 4);
+    }
+}
+
 /* fine_accumulate: acc[inv[s][m]] += sum_j post[s][j][m] * a_j for every pair in order (x = C X: the M-step's
  * posterior-weighted images). Each thread owns the table rows u with u % nthreads == its number, so every row
  * sums its pairs in pair order whatever the thread count. */
