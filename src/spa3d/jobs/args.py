@@ -65,16 +65,22 @@ def add_ml_options(p: argparse.ArgumentParser, ini_high: float, maps: str) -> No
     p.add_argument("--healpix-order", type=int, default=None,
                    help="coarse HEALPix order (overrides --angular-sampling; 7.5° = 2)")
     p.add_argument("--offset-range", type=float, default=5.0, help="offset search range in pixels (default 5)")
-    p.add_argument("--offset-step", type=float, default=1.0, help="offset search step in pixels (default 1)")
+    p.add_argument("--offset-step", type=float, default=2.0,
+                   help="coarse offset search step in pixels, as relion_refine's --offset_step: the search ends at "
+                   "half of it, so RELION's GUI step of 1 pixel is 2 here (default 2, the GUI's default)")
     p.add_argument("--perturb", type=float, default=0.5,
                    help="random perturbation of the search grid each iteration, as a fraction of the angular and "
                    "offset steps (RELION's --perturb, default 0.5; 0: a fixed grid)")
     p.add_argument("--ini-high", type=float, default=ini_high,
                    help=f"initial low-pass of the reference in Å (default {ini_high:g})")
     p.add_argument("--particle-diameter", type=float, default=None, help="mask diameter in Å (default: the box)")
-    p.add_argument("--zero-mask", action="store_true", help="zeros outside the mask (default: noise)")
-    p.add_argument("--flatten-solvent", action="store_true", help=f"mask the {maps} with the particle sphere")
-    p.add_argument("--ctf", action="store_true", help="CTF correction")
+    # on by default, as RELION's GUI runs its Class3D and Refine3D jobs (--no-ctf etc. turn them off)
+    p.add_argument("--zero-mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="zeros outside the particle mask (default on, RELION's GUI; --no-zero-mask: noise)")
+    p.add_argument("--flatten-solvent", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"mask the {maps} with the particle sphere (default on: RELION's GUI always does)")
+    p.add_argument("--ctf", action=argparse.BooleanOptionalAction, default=True,
+                   help="CTF correction (default on, RELION's GUI; --no-ctf for particles without CTF)")
     p.add_argument("--ctf-intact-first-peak", action="store_true")
     p.add_argument("--ctf-phase-flipped", action="store_true")
     p.add_argument("--firstiter-cc", action="store_true",

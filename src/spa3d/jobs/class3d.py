@@ -221,7 +221,8 @@ def open_particles(star: str | None, ctf: bool) -> ParticleSet:
         raise InputError(None, "--i particles.star is required")
     ps = ParticleSet(star)
     if ctf and not ps.has_ctf():
-        raise InputError(star, "--ctf needs rlnDefocusU/V, rlnVoltage and rlnSphericalAberration")
+        raise InputError(star, "CTF correction (on by default) needs rlnDefocusU/V, rlnVoltage and "
+                               "rlnSphericalAberration; give --no-ctf for particles without CTF")
     return ps
 
 
