@@ -160,6 +160,18 @@ def _pixel_weights(px: FourierPixels, sigma2_shell: torch.Tensor, cross_correlat
     return m if cross_correlation else m / sigma2_shell[px.shell].clamp_min(1e-12)
 
 
+def add_at(dst: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """dst[rows, cols] += values (repeated (row, col) pairs add up), in place; returns dst (2-D, contiguous).
+
+    Deterministic on the CPU: one index_add_ along the flattened array adds in index order, where
+    ``index_put_(..., accumulate=True)`` adds with atomics across threads and so in an order that changes from
+    run to run (last-bit differences that a same-seed run must not have).
+    """
+    flat = (rows * dst.shape[1] + cols).reshape(-1)
+    dst.view(-1).index_add_(0, flat, values.reshape(-1).to(dst.dtype))
+    return dst
+
+
 def _segment_logsumexp(values: torch.Tensor, seg: torch.Tensor, n_seg: int):
     """Per-segment max and log Σ exp of ``values`` (N, M), segments ``seg`` (N,)."""
     row_max = values.max(1).values
@@ -447,9 +459,9 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     bt = child_t[pair_of_best, j // 8]
     br = child_r[pair_of_best, j % 8]
     bk = pk[pair_of_best]
-    class_post = torch.zeros((b, k_cls), device=dev).index_put_((img, pk), post.sum((1, 2)), accumulate=True)
+    class_post = add_at(torch.zeros((b, k_cls), device=dev), img, pk, post.sum((1, 2)))
     if "rot_weight" in sums:
-        sums["rot_weight"].index_put_((pk, pr), post.sum((1, 2)).double(), accumulate=True)
+        add_at(sums["rot_weight"], pk, pr, post.sum((1, 2)).double())
     # spreads of the posterior around the best pose
     r_best = grid.fine_rot[br][img]  # (S, 3, 3)
     r_child = grid.fine_rot[child_r]  # (S, 8, 3, 3)
@@ -491,7 +503,7 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     c2 = cf * cf
     # Σ_t p over each sample's translations, per (image, table row): the CTF² weights as one GEMM-free sum
     wrow = torch.zeros((b, n_u), dtype=torch.float32, device=dev)
-    wrow.index_put_((img_m[:, None].expand(-1, 8), inv_m), post_m.sum(1), accumulate=True)
+    add_at(wrow, img_m[:, None].expand(-1, 8), inv_m, post_m.sum(1))
     xc = xf * cf
     acc = kernels.fine_accumulate(xc, phases_f, post_m, img_m, child_t_m, inv_m, n_u)
     if acc is None:
