@@ -242,7 +242,7 @@ class BackProjector:
 
     def reconstruct(self, symmetry_ops: np.ndarray | None = None, tau2: np.ndarray | None = None,
                     n_iter_gridding: int = 10, mask_edge: bool = True,
-                    unregularised_where_tau2_zero: bool = False) -> torch.Tensor:
+                    unregularised_where_tau2_zero: bool = False, out_box: int | None = None) -> torch.Tensor:
         """The map (n, n, n), float32, from the accumulators.
 
         Density compensation (Pipe & Menon 1999): find d with
@@ -259,6 +259,11 @@ class BackProjector:
         with the trilinear kernel: the real-space map is divided by its sinc².
         With ``mask_edge`` the map is zero outside the box's inscribed sphere.
         Peak memory is a few times the accumulators' (all on the half grid).
+
+        ``out_box`` (even, at most n, holding r_max: ``out_box / 2 > r_max``): the same map Fourier-cropped to
+        out_box³ voxels of n/out_box pixels each (the box's size in Å unchanged, so shell k is the same frequency
+        in both); the inverse transform is then (out_box/n)³ times smaller. Values are those of the full map at
+        the coarser voxels (up to the real-space operations' tiny mixing of frequencies beyond the crop).
         """
         data, weight = self._finalise()
         data, weight = self._symmetrise(data, weight, symmetry_ops)
@@ -296,29 +301,44 @@ class BackProjector:
         del w, live
         ft = torch.complex(data[..., 0].contiguous(), data[..., 1].contiguous()) * d
         del d, data, weight
-        npad = self.pad * self.n
+        m = self.n if out_box is None else int(out_box)
+        if m != self.n and (m % 2 or m > self.n or m // 2 <= self.r_max):
+            raise ValueError(f"out_box {m}: must be even, at most {self.n} and hold r_max {self.r_max:.1f} (> 2·r_max)")
+        npad = self.pad * m
         vol = torch.fft.irfftn(half_to_rfft_layout(ft, npad), s=(npad,) * 3)
         del ft
-        # real space: centre at index 0 (FFT order); keep the n voxels around it, centre at n//2
-        keep = torch.arange(-(self.n // 2), self.n - self.n // 2, device=self.device) % npad
+        if m != self.n:
+            vol = vol * (m / self.n) ** 3  # irfftn's 1/N³ with N = pad·m: the full map's values
+        # real space: centre at index 0 (FFT order); keep the m voxels around it, centre at m//2
+        keep = torch.arange(-(m // 2), m - m // 2, device=self.device) % npad
         vol = vol[keep][:, keep][:, :, keep]
         vol = gridding_correct(vol, self.pad)
         if mask_edge:
-            # as RELION: zero beyond the box's inscribed sphere (soft edge of 3 pixels inside it)
-            vol = vol * torch.as_tensor(soft_sphere(self.n, self.n / 2 - 3, 3.0), device=vol.device, dtype=vol.dtype)
+            # as RELION: zero beyond the box's inscribed sphere (soft edge of 3 original pixels inside it)
+            edge = 3.0 * m / self.n
+            vol = vol * torch.as_tensor(soft_sphere(m, m / 2 - edge, edge), device=vol.device, dtype=vol.dtype)
         return vol.to(torch.float32)
 
 
-def half_map_fsc(half1: BackProjector, half2: BackProjector, symmetry_ops: np.ndarray | None = None) -> np.ndarray:
+def half_map_fsc(half1: BackProjector, half2: BackProjector, symmetry_ops: np.ndarray | None = None,
+                 cropped: bool = False) -> np.ndarray:
     """FSC per shell (0 .. n//2, cycles per box) of the maps of two half sets, reconstructed without a prior.
 
     Unmasked (the box's inscribed sphere), so the solvent's noise counts: where
     it falls below 0.143, the FSC of the full set's map against the truth is
     near 0.5. Both back-projectors are finalised (no more insertions).
+    ``cropped``: the maps reconstructed Fourier-cropped to the smallest even box that holds r_max plus 4 shells
+    (``reconstruct(out_box=...)``; at box 256 and r_max 60 a 128³ map from a 256³ transform instead of a 256³
+    map from a 512³ one); zero beyond it.
     """
     from spa3d.fourier.filters import fsc
 
-    maps = [bp.reconstruct(symmetry_ops=symmetry_ops).cpu().numpy() for bp in (half1, half2)]
-    if not all(np.abs(m).max() > 0 for m in maps):
-        return np.zeros(half1.n // 2 + 1)
-    return np.asarray(fsc(maps[0], maps[1]), dtype=np.float64)[: half1.n // 2 + 1]
+    n = half1.n
+    m = n if not cropped else min(n, 2 * (int(np.ceil(half1.r_max)) + 5))
+    maps = [bp.reconstruct(symmetry_ops=symmetry_ops, out_box=m).cpu().numpy() for bp in (half1, half2)]
+    curve = np.zeros(n // 2 + 1)
+    if not all(np.abs(x).max() > 0 for x in maps):
+        return curve
+    c = np.asarray(fsc(maps[0], maps[1]), dtype=np.float64)[: m // 2 + 1]
+    curve[: len(c)] = c
+    return curve

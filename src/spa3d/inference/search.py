@@ -44,6 +44,9 @@ GPU_CHUNK_BYTES = 1 << 30
 #: bytes, so that its GEMM's output is still in cache when the kernel selects the significant samples
 #: (measured: 1.5× faster than one batch-wide GEMM at 300 images, 29 translations, 4,608 rotations)
 COARSE_CHUNK_BYTES = 8 << 20
+#: bytes of one (pairs, 4, 8) float32 score array assembled at a time once the compiled kernel has the cross terms
+#: (broad posteriors give 10⁵ pairs a batch: chunks of 512 spent their time in Python)
+SCORE_CHUNK_BYTES = 32 << 20
 
 
 @dataclass
@@ -414,6 +417,8 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
         pair_chunk = max(pair_chunk, int(GPU_CHUNK_BYTES // (100 * n_p)))
     xw = xf * (cf * wf)
     cross_all = kernels.fine_cross(xw, phases_f, table, img, child_t, inv)
+    if cross_all is not None:  # the scores need no more products: few, large element-wise steps (128 B a pair each)
+        pair_chunk = max(pair_chunk, int(SCORE_CHUNK_BYTES // 128))
     for s0 in range(0, n_pairs, pair_chunk):
         s1 = min(n_pairs, s0 + pair_chunk)
         ii = img[s0:s1]

@@ -94,7 +94,7 @@ def _class_fsc(acc1: torch.Tensor, acc2: torch.Tensor, n: int, r_cur: float, ops
         bp = BackProjector(n, r_max=r_cur, device=device)
         bp.acc = acc.to(device).clone()
         halves.append(bp)
-    curve = np.nan_to_num(half_map_fsc(halves[0], halves[1], ops))
+    curve = np.nan_to_num(half_map_fsc(halves[0], halves[1], ops, cropped=True))
     curve[np.arange(len(curve)) > r_cur] = 0.0  # no data beyond the E-step's radius
     return curve
 
