@@ -580,13 +580,14 @@ def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p
     the fine radius and inserted, an eighth each, at the 8 fine children of
     every coarse rotation.
     """
-    dev = x_full.device
     bb = ll.shape[0]
     n_tc, n_rc = grid.coarse_trans.shape[0], grid.coarse_rot.shape[0]
+    # the posterior in place of ll (the caller's buffer of these images' log-posteriors): few passes over the
+    # (B', K·Tc·Rc) array, which holds 10⁷–10⁸ floats when most of a batch is broad
     mx = ll.max(1, keepdim=True).values
-    post = torch.exp(ll - mx)
+    post = ll.sub_(mx).exp_()
     z = post.sum(1, keepdim=True)
-    post = post / z
+    post.div_(z)
     pmax, arg = post.max(1)
     post = post.reshape(bb, k_cls, n_tc, n_rc)
     bk, bt, br = arg // (n_tc * n_rc), (arg // n_rc) % n_tc, arg % n_rc
@@ -595,14 +596,15 @@ def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p
     out["btrans"][sel] = grid.coarse_trans[bt]
     out["pmax"][sel] = pmax
     out["loge"][sel] = mx[:, 0] + torch.log(z[:, 0])
-    out["class_post"][sel] = post.sum((2, 3))
+    p_kt, p_kr = post.sum(3), post.sum(2)  # (B', K, Tc), (B', K, Rc): every marginal below from these two
+    out["class_post"][sel] = p_kt.sum(2)
     if "rot_weight" in sums:
-        sums["rot_weight"] += post.sum((0, 2)).double()
-    p_rot = post.sum((1, 2))  # (B', Rc)
+        sums["rot_weight"] += p_kr.sum(0).double()
+    p_rot = p_kr.sum(1)  # (B', Rc)
     tr = torch.einsum("bij,rij->br", grid.coarse_rot[br], grid.coarse_rot)
     ang2 = torch.rad2deg(torch.arccos(((tr - 1) / 2).clamp(-1, 1))) ** 2
     out["rot_spread"][sel] = (p_rot * ang2).sum(1)
-    p_t = post.sum((1, 3))  # (B', Tc)
+    p_t = p_kt.sum(1)  # (B', Tc)
     d2 = ((grid.coarse_trans[None] - grid.coarse_trans[bt][:, None]) ** 2).sum(-1)
     out["trans_spread"][sel] = (p_t * d2).sum(1)
     tot = old_offsets[:, None, :] + grid.coarse_trans[None]
@@ -622,34 +624,42 @@ def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p
     out["aa"][sel] = ((cp.real**2 + cp.imag**2) * m).sum(1)
     if "res_image" in sums:  # at the best pose (the posterior is broad here; documented in BatchResult)
         sums["res_image"][sel] = ((xs_best - cp).abs() ** 2 * m).sum(1).double()
-    cxs = (xf[:, None, :] * phases[None] * cf[:, None, :]).reshape(bb * n_tc, -1)  # (B'·Tc, P)
+    n_p = xf.shape[1]
+    # the CTF-multiplied shifted images as interleaved (re, im) rows: one real GEMM gives both parts of Σ p·C·X·S
+    cxs = torch.view_as_real(xf[:, None, :] * phases[None] * cf[:, None, :]).reshape(bb * n_tc, 2 * n_p)
     c2 = cf * cf
     x_term = xf  # the images' power enters the residual sum once
     for h in ([None] if half is None else [0, 1]):
-        rows = torch.ones(bb, device=dev) if h is None else (half == h).to(post.dtype)
+        rows = None if h is None else (half == h).to(post.dtype)
         for k in range(k_cls):
-            pk = post[:, k] * rows[:, None, None]  # (B', Tc, Rc)
-            mass = pk.sum((0, 1))
+            pk = post[:, k] if rows is None else post[:, k] * rows[:, None, None]  # (B', Tc, Rc)
+            p_r = p_kr[:, k] if rows is None else p_kr[:, k] * rows[:, None]  # (B', Rc)
+            mass = p_r.sum(0)
             keep = (mass > 1e-6 * max(float(mass.max()), 1e-30)).nonzero()[:, 0]
             if len(keep) == 0:
                 continue
-            pr = pk[:, :, keep].reshape(bb * n_tc, -1).T  # (R', B'·Tc)
-            sums["flops"] += 2.0 * len(keep) * bb * n_tc * 2 * xf.shape[1] + 2.0 * len(keep) * bb * xf.shape[1]
-            data = torch.complex(pr @ cxs.real.contiguous(), pr @ cxs.imag.contiguous())
-            wsum = pk[:, :, keep].sum(1).T @ c2  # (R', P)
+            pr = pk.reshape(bb * n_tc, n_rc)
+            if len(keep) < n_rc:
+                pr = pr[:, keep]
+            sums["flops"] += 2.0 * len(keep) * bb * n_tc * 2 * n_p + 2.0 * len(keep) * bb * n_p
+            data = torch.view_as_complex((pr.T @ cxs).reshape(len(keep), n_p, 2))  # (R', P)
+            wsum = p_r[:, keep].T @ c2  # (R', P)
             proj = projectors[k].project_pixels(grid.coarse_rot[keep], p_fine.kx, p_fine.ky).to(data.dtype)
             sums["res_terms"] += residual_power_terms(p_fine, x_term, data, wsum, proj)
             x_term = xf[:0]
             if backprojectors is None:
                 continue
-            # spread over the 8 fine children of each coarse rotation: the same Fourier coverage as the fine pass
-            children = (keep[:, None] * 8 + torch.arange(8, device=dev)[None]).reshape(-1)
-            data8, wsum8 = data.repeat_interleave(8, 0) / 8, wsum.repeat_interleave(8, 0) / 8
-            if residual:  # residuals against each child's own projection
-                data8 = data8 - wsum8 * projectors[k].project_pixels(grid.fine_rot[children], p_fine.kx,
-                                                                     p_fine.ky).to(data8.dtype)
+            # spread over the 8 fine children of each coarse rotation, an eighth each: the same Fourier coverage
+            # as the fine pass (one insertion per child, without copying the sums eight times)
             dest = k if h is None else h * k_cls + k
-            backprojectors[dest].insert_pixels(data8, wsum8, grid.fine_rot[children], p_fine.kx, p_fine.ky)
+            data8, wsum8 = data / 8, wsum / 8
+            for j in range(8):
+                children = keep * 8 + j
+                vals = data8
+                if residual:  # residuals against each child's own projection
+                    vals = data8 - wsum8 * projectors[k].project_pixels(grid.fine_rot[children], p_fine.kx,
+                                                                        p_fine.ky).to(data8.dtype)
+                backprojectors[dest].insert_pixels(vals, wsum8, grid.fine_rot[children], p_fine.kx, p_fine.ky)
 
 
 def _cc_scores(images, ctf, weights, projections, phases):
