@@ -153,3 +153,42 @@ def test_half_map_fsc_matches_the_fsc_against_the_truth(truth_map):
         return int(np.nonzero(c[1:] < t)[0][0])
 
     assert abs(first_below(half_curve, 0.143) - first_below(truth_curve, 0.5)) <= 2
+
+
+def test_cropped_reconstruction_is_the_full_map_fourier_cropped(truth_map):
+    """reconstruct(out_box=m): the full map's transform cropped to m³ (same shells in cycles per box), so the half
+    sets' FSC that class3d takes from cropped maps equals the full maps' FSC up to r_max."""
+    from spa3d.fourier.backprojector import half_map_fsc
+
+    def centred_ft(v):
+        return np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(v))) / v.size
+
+    vol, _ = truth_map
+    rng = np.random.default_rng(4)
+    rots = torch.tensor(random_rotations(1500, rng), dtype=torch.float32)
+    fts = Projector(vol).project(rots)
+    fts = fts + 2.0 * float(fts.abs().mean()) * torch.complex(
+        torch.randn(fts.shape, generator=torch.Generator().manual_seed(5)),
+        torch.randn(fts.shape, generator=torch.Generator().manual_seed(6)))
+    r_max, m = 14.0, 38
+
+    def halves():
+        hs = [BackProjector(64, r_max=r_max), BackProjector(64, r_max=r_max)]
+        for h in (0, 1):
+            hs[h].insert(fts[h::2], rots[h::2])
+        return hs
+
+    full = halves()[0].reconstruct(mask_edge=False).numpy()
+    small = halves()[0].reconstruct(mask_edge=False, out_box=m).numpy()
+    assert small.shape == (m, m, m)
+    # the low frequencies of both maps' transforms (per voxel) agree (measured: 0.17 % of the largest)
+    ff, fs = centred_ft(full), centred_ft(small)
+    k = 10
+    a = ff[32 - k:32 + k + 1, 32 - k:32 + k + 1, 32 - k:32 + k + 1]
+    b = fs[m // 2 - k:m // 2 + k + 1, m // 2 - k:m // 2 + k + 1, m // 2 - k:m // 2 + k + 1]
+    assert np.abs(a - b).max() <= 0.01 * np.abs(a).max()
+    c_full, c_crop = half_map_fsc(*halves()), half_map_fsc(*halves(), cropped=True)
+    assert np.abs(c_full[:int(r_max) + 1] - c_crop[:int(r_max) + 1]).max() < 2e-3  # measured 1.4e-4
+    assert c_crop[1] > 0.9 and c_crop[int(r_max)] < c_crop[1]
+    with pytest.raises(ValueError):
+        halves()[0].reconstruct(out_box=2 * int(r_max))  # does not hold r_max
