@@ -207,3 +207,35 @@ def test_dust_removal_replaces_outliers_with_background_noise():
     out = normalise(imgs, 24, white_dust=5.0, black_dust=5.0, rng=rng)
     assert np.abs(out).max() < 6.0
     assert abs(out[2].mean()) < 0.1 and abs(out[2].std() - 1.0) < 0.1
+
+
+def test_extract_gives_the_same_particles_whatever_the_number_of_threads(mic_project, tmp_path):
+    """Micrographs are processed one per thread; the stacks (dust noise included) must not depend on how many."""
+    opts = ["--box", "96", "--rescale", "64", "--norm", "--invert", "--white-dust", "2", "--black-dust", "2"]
+    assert _run(mic_project, tmp_path / "T1", *opts, "--threads", "1") == 0
+    assert _run(mic_project, tmp_path / "T3", *opts, "--threads", "3") == 0
+    stacks = sorted(p.relative_to(tmp_path / "T1") for p in (tmp_path / "T1").rglob("*.mrcs"))
+    assert len(stacks) == 4
+    for rel in stacks:  # the header's label holds the time of writing: compare all else
+        a, b = (tmp_path / "T1" / rel).read_bytes(), (tmp_path / "T3" / rel).read_bytes()
+        assert a[:224] == b[:224] and a[1024:] == b[1024:], rel
+    a = read_particles_star(tmp_path / "T1" / "particles.star").particles
+    b = read_particles_star(tmp_path / "T3" / "particles.star").particles
+    assert list(a["rlnImageName"].str.replace("T1", "T3")) == list(b["rlnImageName"])
+    # the dust threshold of 2 SDs replaced pixels: the stacks differ from a run without it
+    assert _run(mic_project, tmp_path / "T0", *opts[:6]) == 0
+    assert (tmp_path / "T0" / stacks[0]).read_bytes() != (tmp_path / "T1" / stacks[0]).read_bytes()
+
+
+def test_a_bad_micrograph_part_way_leaves_no_stack_behind(mic_project, tmp_path, capsys):
+    """A micrograph with NaN found while other threads have written their stacks: an error, nothing left."""
+    import mrcfile
+
+    d = tmp_path / "proj"
+    shutil.copytree(mic_project, d, ignore=shutil.ignore_patterns("R*", "S*", "T*", "Small"))
+    with mrcfile.open(d / "Micrographs" / "mic003.mrc", "r+") as m:
+        m.data[100, 100] = np.nan
+    assert _run(d, d / "Ext", "--box", "96", "--threads", "2") == 2
+    err = capsys.readouterr().err
+    assert "mic003.mrc" in err and "NaN" in err
+    assert _nothing_written(d / "Ext")

@@ -13,13 +13,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from spa3d.errors import InputError
-from spa3d.fourier.ctf import CtfParams
 from spa3d.io.mrc import MrcHeader, read_header, read_images
 from spa3d.io.star import ParticleTable, read_particles_star
+
+if TYPE_CHECKING:  # torch is imported with the CTF code only where a job needs it (extract, select do not)
+    from spa3d.fourier.ctf import CtfParams
 
 CTF_COLUMNS = ["rlnDefocusU", "rlnDefocusV"]
 
@@ -153,6 +156,8 @@ class ParticleSet:
         u = self.column("rlnDefocusU").astype(float)
         v = self.column("rlnDefocusV", np.nan).astype(float)
         v = np.where(np.isnan(v), u, v)
+        from spa3d.fourier.ctf import CtfParams
+
         return CtfParams(
             defocus_u=u, defocus_v=v,
             defocus_angle=self.column("rlnDefocusAngle", 0.0).astype(float),
