@@ -11,8 +11,18 @@ flattening. For each program it prints wall time, iterations, the reported
 resolution (half maps' FSC 0.143, unmasked) and the FSC of the final map
 against the ground truth (after superposing it on the truth), at 0.5 and 0.143.
 
+Then the shell check, in Fourier shells: the half maps' FSC 0.143 against the
+FSC 0.5 of their average against the truth (the resolution it stands for:
+FSC_truth = sqrt(2·FSC_half/(1 + FSC_half)), 0.5 at 0.143), both unmasked and
+both in one solvent mask (the truth low-passed to 15 Å, thresholded at 5 % of
+its maximum, extended 3 px, soft edge 3 px: the same mask for every program),
+and the resolution of ``spa3d postprocess``'s FSC corrected by phase
+randomisation in that mask. The average is superposed on the truth with
+sub-degree, sub-pixel refinement (``superpose(..., refine=True)``), since half
+a pixel of error lowers the FSC at box 128 from about shell 30 on.
+
     python benchmarks/refine3d_vs_relion.py [--n 2000] [--snr 0.05] [--protein d2] [--box 128 --angpix 1.5]
-        [--noise-spectrum real_micrograph.mrc] [--workdir DIR] [--reuse-relion] [--skip-relion]
+        [--noise-spectrum real_micrograph.mrc] [--workdir DIR] [--reuse-relion] [--skip-relion] [--reuse-spa3d]
 
 ``--noise-spectrum`` makes the particles with ``spa3d simulate`` instead:
 noise with the spectrum of a real micrograph (e.g. tests/test_data/
@@ -71,6 +81,24 @@ def score(job: Path, truth, apix: float, relion: bool):
     return max(its), reported, resolution_at(c, n, apix, 0.5), resolution_at(c, n, apix, 0.143)
 
 
+def shell_check(job: Path, truth, apix: float, mask) -> dict:
+    """Shells (cycles per box) of the half maps' FSC 0.143 and of their average's FSC 0.5 against the truth,
+    unmasked and in ``mask``, and of the postprocessed (phase-randomisation corrected) FSC 0.143 in ``mask``."""
+    from spa3d.maps.postprocess import postprocess
+
+    halves = [read_map(job / f"run_half{h}_class001_unfil.mrc")[0] for h in (1, 2)]
+    aligned, _ = superpose((halves[0] + halves[1]) / 2, truth, refine=True)
+    n = truth.shape[0]
+
+    def shell(curve, t):
+        return n * apix / resolution_at(curve, n, apix, t)
+
+    pp = postprocess(halves[0], halves[1], apix, mask)
+    return {"half": shell(fsc(*halves), 0.143), "truth": shell(fsc(aligned, truth), 0.5),
+            "half_masked": shell(fsc(halves[0] * mask, halves[1] * mask), 0.143),
+            "truth_masked": shell(fsc(aligned * mask, truth * mask), 0.5), "postprocess": n * apix / pp.resolution}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
@@ -85,6 +113,8 @@ def main() -> None:
                     "instead of relion_project's white noise")
     ap.add_argument("--skip-relion", action="store_true")
     ap.add_argument("--reuse-relion", action="store_true")
+    ap.add_argument("--reuse-spa3d", action="store_true", help="score spa3d's finished run in the working directory "
+                    "(its time from its run.log) instead of running it again")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     a.sym = "D2" if a.protein == "d2" else "C1"
@@ -105,8 +135,12 @@ def main() -> None:
     rows = []
     out = work / f"spa3d_seed{a.seed}"
     out.mkdir(exist_ok=True)
-    t_s = timed(spa3d_cmd(a, str(out.relative_to(work))), work)
+    if a.reuse_spa3d and (out / "run_class001.mrc").exists():
+        t_s = float(re.findall(r"done in ([\d.]+) s", (out / "run.log").read_text())[-1])
+    else:
+        t_s = timed(spa3d_cmd(a, str(out.relative_to(work))), work)
     rows.append(("spa3d refine3d", t_s, *score(out, truth, apix, False)))
+    jobs = {"spa3d refine3d": out}
     if not a.skip_relion:
         rdir = work / "relion"
         stamp = rdir / "wall_seconds.json"
@@ -115,12 +149,27 @@ def main() -> None:
             t_r = timed(relion_cmd(a, "relion/run"), work)
             stamp.write_text(json.dumps({"wall_s": t_r}))
         rows.append(("relion_refine_mpi", json.loads(stamp.read_text())["wall_s"], *score(rdir, truth, apix, True)))
+        jobs["relion_refine_mpi"] = rdir
     print(f"\n3D auto-refinement of {a.n} particles of {'a D2 tetramer (D2)' if a.sym == 'D2' else '1TII (C1)'} "
           f"({'spa3d simulate, noise of ' + Path(a.noise_spectrum).name if a.noise_spectrum else 'relion_project'}; box {a.box}, {apix} Å/px, SNR {a.snr}), reference: the truth at 50 Å, 7.5° -> local from "
           f"1.8°, offsets 5/1 px, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
     print(f"{'program':<18} {'wall (s)':>9} {'iter':>5} {'reported (Å)':>13} {'FSC0.5 (Å)':>11} {'FSC0.143 (Å)':>13}")
     for prog, t, its, rep, r5, r1 in rows:
         print(f"{prog:<18} {t:9.1f} {its:5d} {rep:13.2f} {r5:11.2f} {r1:13.2f}")
+    from spa3d.maps.postprocess import create_mask
+
+    mask = create_mask(truth, apix, 15.0, 0.05 * float(lowpass(truth, apix, 15.0).max()), 3, 3)
+    print(f"\nshell check (Fourier shells of the box; 1 shell = {a.box * apix:.0f} Å / shell number): half maps' "
+          f"FSC 0.143 against their average's FSC 0.5 against the truth; mask: the truth at 15 Å, 5 % of its maximum, "
+          f"+3 px, soft 3 px ({100 * mask.mean():.1f} % of the box)")
+    print(f"{'program':<18} {'half 0.143':>11} {'truth 0.5':>10} {'diff':>6} {'masked half':>12} {'masked truth':>13} "
+          f"{'diff':>6} {'postprocess':>12}")
+    for prog, job in jobs.items():
+        if not (job / "run_half1_class001_unfil.mrc").exists():  # a RELION run stopped before converging
+            continue
+        c = shell_check(job, truth, apix, mask)
+        print(f"{prog:<18} {c['half']:11.1f} {c['truth']:10.1f} {c['half'] - c['truth']:+6.1f} {c['half_masked']:12.1f} "
+              f"{c['truth_masked']:13.1f} {c['half_masked'] - c['truth_masked']:+6.1f} {c['postprocess']:12.1f}")
     print_tail(rows, out / "run.log", work)
 
 

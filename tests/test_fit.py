@@ -65,3 +65,22 @@ def test_fit_bad_model_is_one_clear_error(posed_map, tmp_path, capsys):
     assert main(["fit", "--map", str(d / "map.mrc"), "--model", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.pdb" in err[0]
+
+
+def test_refined_superposition_is_sub_degree_and_sub_pixel():
+    """A map turned by 3° and moved by a fraction of a pixel: the refined superposition recovers the rotation to
+    0.4° and the map to FSC 0.82 at shell 30 of 32 (the grid search alone: 0.75° off, FSC 0.73 there)."""
+    from scipy.spatial.transform import Rotation
+
+    from spa3d.fourier.filters import fsc
+    from spa3d.maps.align import superpose
+
+    xyz, z = read_atoms(default_structure())
+    c = (xyz * z[:, None]).sum(0) / z.sum()
+    truth = density_from_atoms(xyz, z, 64, 2.0, 5.0, center=c)
+    rot = Rotation.from_rotvec(np.radians(3.0) * np.array([0.48, -0.6, 0.64])).as_matrix()
+    moving = density_from_atoms((xyz - c) @ rot.T + c + np.array([0.8, -0.6, 0.7]), z, 64, 2.0, 5.0, center=c)
+    aligned, sup = superpose(moving, truth, refine=True)
+    assert not sup.mirrored
+    assert np.degrees(Rotation.from_matrix(sup.rotation @ rot.T).magnitude()) < 0.4
+    assert fsc(aligned, truth)[30] > 0.82

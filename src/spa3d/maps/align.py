@@ -59,8 +59,16 @@ def _refine_rotation(ref: torch.Tensor, mov: torch.Tensor, mask: torch.Tensor, q
     return float(s_q), q
 
 
-def superpose(moving: np.ndarray, reference: np.ndarray, working_box: int = 32, try_mirror: bool = True):
-    """Return (moving aligned onto reference, Superposition)."""
+def superpose(moving: np.ndarray, reference: np.ndarray, working_box: int = 32, try_mirror: bool = True,
+              refine: bool = False):
+    """Return (moving aligned onto reference, Superposition).
+
+    ``refine``: then refine rotation and shift together at the full box (L-BFGS on the correlation within the
+    box's sphere, gradients through trilinear sampling of the moving map Fourier-upsampled 2×, up to box 192)
+    and resample the moving map from that copy: sub-degree and sub-pixel, for FSCs near Nyquist (the
+    search alone is good to about 0.5° and to a whole pixel, which lowers the FSC at box 128 from about
+    shell 30 on; a slower but finer measure).
+    """
     n = reference.shape[0]
     ref_c = shift_map(reference, -centre_of_mass(reference))
     candidates = []
@@ -84,8 +92,65 @@ def superpose(moving: np.ndarray, reference: np.ndarray, working_box: int = 32, 
     peak = np.array(np.unravel_index(np.argmax(cc), cc.shape))
     peak = np.where(peak > n // 2, peak - n, peak)
     aligned = shift_map(aligned, peak[::-1].astype(float))
+    if refine:
+        # aligned(x) = mv_c(q (x − s)) = mv(q (x − s) + c), s the shift applied after the rotation
+        mv = np.ascontiguousarray(moving[:, :, ::-1]) if mirrored else moving
+        s = centre_of_mass(reference) + peak[::-1].astype(float)
+        aligned, q = _refine_superposition(reference, mv, q, s, centre_of_mass(mv))
     corr = float(np.corrcoef(aligned.ravel(), reference.ravel())[0, 1])
     return aligned, Superposition(q, mirrored, corr)
+
+
+def _refine_superposition(reference: np.ndarray, moving: np.ndarray, q: np.ndarray, s: np.ndarray,
+                          c: np.ndarray, steps: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Refine aligned(x) = moving(R q (x − s − t) + c) over the small rotation R = exp([ω]×) and shift t (pixels)
+    to the best correlation with ``reference`` in the box's sphere; returns (aligned map, R q)."""
+    import torch.nn.functional as F
+
+    n = reference.shape[0]
+    up = 2 if n <= 192 else 1  # the moving map sampled on a 2× finer grid: trilinear errors 4× smaller
+    mov = torch.as_tensor(fourier_resample(moving, up * n) if up > 1 else np.asarray(moving, np.float32))
+    big = mov.shape[0]
+    cc = torch.arange(n, dtype=torch.float32) - n // 2
+    zz, yy, xx = torch.meshgrid(cc, cc, cc, indexing="ij")
+    pts = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
+    inside = pts.norm(dim=1) <= n / 2 - 2
+    ref = torch.as_tensor(np.asarray(reference, np.float32)).reshape(-1)[inside]
+    ref = (ref - ref.mean()) / (ref.norm() + 1e-12)
+    q_t = torch.as_tensor(q, dtype=torch.float64)
+    s_t, c_t = torch.as_tensor(s, dtype=torch.float64), torch.as_tensor(c, dtype=torch.float64)
+    params = torch.zeros(6, dtype=torch.float64, requires_grad=True)  # ω (radians), t (pixels)
+
+    def sample(p, x):
+        w = x[:3]
+        skew = torch.zeros(3, 3, dtype=torch.float64)
+        skew = skew.index_put((torch.tensor([2, 1, 0]), torch.tensor([1, 2, 2])), torch.stack([w[0], -w[0], w[1]]))
+        skew = skew.index_put((torch.tensor([0, 1, 0]), torch.tensor([2, 0, 1])), torch.stack([-w[1], w[2], -w[2]]))
+        rot = torch.linalg.matrix_exp(skew) @ q_t
+        src = (p.to(torch.float64) - s_t - x[3:]) @ rot.T + c_t  # pixels from the moving map's centre
+        grid = ((src * up + big // 2) / (big - 1) * 2 - 1).to(torch.float32)
+        vals = F.grid_sample(mov[None, None], grid[None, :, None, None, :], mode="bilinear", padding_mode="zeros",
+                             align_corners=True).reshape(-1)
+        return vals, rot
+
+    def loss():
+        vals, _ = sample(pts[inside], params)
+        vals = vals - vals.mean()
+        return -(vals * ref).sum() / (vals.norm() + 1e-12)
+
+    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=steps, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    with torch.no_grad():
+        vals, rot = sample(pts, params.detach())
+    return vals.reshape(n, n, n).numpy(), rot.numpy()
 
 
 def mirror_x(vol: np.ndarray) -> np.ndarray:

@@ -72,15 +72,17 @@ def centre_of_mass(vol) -> np.ndarray:
 
 def fourier_resample(vol, new_size: int) -> np.ndarray:
     """Crop (or pad) a map's Fourier transform to ``new_size`` voxels per axis; the pixel grows by n/new_size."""
-    v = np.asarray(vol, dtype=np.float64)
+    v = torch.as_tensor(np.asarray(vol, dtype=np.float64))
     n = v.shape[0]
-    ft = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(v)))
-    out = np.zeros((new_size,) * 3, dtype=complex)
+    ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(v)))  # torch's transforms: all cores (numpy's: one)
+    del v
+    out = torch.zeros((new_size,) * 3, dtype=ft.dtype)
     m = min(n, new_size)
     a, b = n // 2 - m // 2, new_size // 2 - m // 2
     out[b:b + m, b:b + m, b:b + m] = ft[a:a + m, a:a + m, a:a + m]
-    res = np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(out))).real * (new_size / n) ** 3
-    return res.astype(np.float32)
+    del ft
+    res = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(out))).real * (new_size / n) ** 3
+    return res.numpy().astype(np.float32)
 
 
 def window(vol, new_box: int) -> np.ndarray:
