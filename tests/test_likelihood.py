@@ -244,7 +244,7 @@ def test_noise_statistics_are_posterior_weighted_residuals():
     assert float(best.sum()) < 0.99 * float(want.sum())
 
 
-def test_local_search_finds_poses_near_the_prior(truth_map):
+def test_local_search_finds_poses_near_the_prior(truth_map, monkeypatch):
     """Local searches (RELION's σ_ang prior) score each image's own neighbourhood and recover its pose."""
     from scipy.spatial.transform import Rotation
 
@@ -290,6 +290,17 @@ def test_local_search_finds_poses_near_the_prior(truth_map):
     assert np.median(terr) <= 0.3 and terr.max() <= 0.6, terr
     assert np.all(r.n_significant >= 1) and np.all(r.max_posterior > 0) and r.flops > 0
     assert float(bps[0].weight.sum()) > 0
+    # the fine pass in parts (here down to one image each, as where its rows would not fit in memory): the same
+    import spa3d.inference.search as search
+
+    monkeypatch.setattr(search, "FINE_TABLE_BYTES", {"cpu": 1, "cuda": 1})
+    parts = [BackProjector(n, r_max=r_max)]
+    r2 = local_search_batch(x, torch.ones(x.shape), torch.zeros(n_img, 2), prior,
+                            tuple(torch.as_tensor(a, dtype=torch.float32) for a in local), ct, ft, [proj],
+                            FourierPixels.make(n, 12), px, sigma2, torch.zeros(1), 3.0, sig, parts)
+    assert np.array_equal(r2.best_rotation, r.best_rotation) and np.array_equal(r2.n_significant, r.n_significant)
+    np.testing.assert_allclose(r2.max_posterior, r.max_posterior, rtol=1e-5)
+    assert torch.allclose(parts[0].weight, bps[0].weight, rtol=1e-4, atol=1e-6 * float(bps[0].weight.abs().max()))
 
 
 def test_add_at_sums_repeated_indices_in_the_same_order_every_time():

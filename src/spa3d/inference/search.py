@@ -47,6 +47,11 @@ COARSE_CHUNK_BYTES = 8 << 20
 #: bytes of one (pairs, 4, 8) float32 score array assembled at a time once the compiled kernel has the cross terms
 #: (broad posteriors give 10⁵ pairs a batch: chunks of 512 spent their time in Python)
 SCORE_CHUNK_BYTES = 32 << 20
+#: the fine pass keeps the projections of every (class, fine rotation) its samples reach, and their M-step sums,
+#: at the full radius: about 40·P bytes a row (P Fourier pixels) plus 4 a row and image. Where they would take
+#: more than this, the batch's images go through in parts (local searches give each image rotations of its own,
+#: so a batch of 512 images with broad posteriors reached 2·10⁵ rows: 24 GB at box 256 and Nyquist)
+FINE_TABLE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 
 
 @dataclass
@@ -394,6 +399,21 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     dest = pk if half is None else half[img] * k_cls + pk  # back-projector of each sample
     key = dest[:, None] * n_rf + child_r  # (S, 8) unique id of (half, class, fine rotation)
     uniq, inv = torch.unique(key.reshape(-1), return_inverse=True)
+    budget = FINE_TABLE_BYTES.get(dev.type, FINE_TABLE_BYTES["cuda"])
+    members = sharp.clone()
+    members[img] = True
+    idx = members.nonzero()[:, 0]
+    if len(uniq) * (40 * p_fine.kx.shape[0] + 4 * b) > budget and len(idx) > 1:
+        # too many rows for one go: the images in two parts (the outputs are per image, the sums add up)
+        del key, uniq, inv, xf, cf, wf, child_r, child_t
+        for part in (idx[: len(idx) // 2], idx[len(idx) // 2:]):
+            in_part = torch.zeros(b, dtype=torch.bool, device=dev)
+            in_part[part] = True
+            m = in_part[img]
+            _fine_pass(img[m], flat[m], b, sharp & in_part, x_full, ctf_full, old_offsets, grid, projectors, p_fine,
+                       sigma2_shell, log_class_prior, k_cls, hard, prior_t, prior_r, backprojectors, pair_chunk, out,
+                       sums, residual, half, log_dir_prior, fraction)
+        return
     inv = inv.reshape(key.shape)
     table = torch.empty((len(uniq), p_fine.kx.shape[0]), dtype=torch.complex64, device=dev)
     u_dest = uniq // n_rf

@@ -8,6 +8,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include "threads.h"
 
 void trilinear_scatter_grid(float *acc, int64_t dz, int64_t dy, int64_t dx, const float *coords, const float *vals,
@@ -78,44 +79,88 @@ static void taps_along(float *o, const float *src, int64_t i, int64_t n, int64_t
  * elsewhere. The result goes to out; a is overwritten (work space).
  * Lines are independent, so the loops run in parallel (deterministic).
  */
-void smooth_half(float *a, float *out, int64_t dz, int64_t dy, int64_t dx, const float *k, int64_t r,
-                 int64_t nthreads)
+/* smooth_x_line: o[x] = sum_j k[j + r] * f(x + j) for x in [0, dx), f(x) = line[x] (times wline[x] when wline
+ * is not NULL) for 0 <= x < dx, f(x) = mirror[-x] (times wmirror[-x]) for x < 0, zero beyond dx. The interior
+ * runs tap by tap over the whole line, so it vectorises; buf is work space of dx floats. */
+static void smooth_x_line(const float *line, const float *wline, const float *mirror, const float *wmirror, float *o,
+                          float *buf, int64_t dx, const float *k, int64_t r)
 {
-    (void)nthreads;
-    const int64_t sz = dy * dx;
-    /* along x: a -> out */
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t z = 0; z < dz; z++) {
-        for (int64_t y = 0; y < dy; y++) {
-            const float *line = a + z * sz + y * dx;
-            const float *mirror = a + (dz - 1 - z) * sz + (dy - 1 - y) * dx;
-            float *o = out + z * sz + y * dx;
-            for (int64_t x = 0; x < dx; x++) {
-                float s = 0.0f;
-                if (x >= r && x + r < dx) { /* interior: no bounds to check */
-                    for (int64_t j = -r; j <= r; j++)
-                        s += k[j + r] * line[x + j];
-                } else {
-                    for (int64_t j = -r; j <= r; j++) {
-                        const int64_t xx = x + j;
-                        if (xx >= dx)
-                            continue;
-                        s += k[j + r] * (xx >= 0 ? line[xx] : mirror[-xx]);
-                    }
-                }
-                o[x] = s;
-            }
-        }
+    const float *f = line;
+    if (wline) {
+        for (int64_t x = 0; x < dx; x++)
+            buf[x] = line[x] * wline[x];
+        f = buf;
     }
-    /* along y: out -> a (rows of one plane) */
+    const int64_t lo = r < dx ? r : dx, hi = dx - r > lo ? dx - r : lo;
+    for (int64_t x = lo; x < hi; x++)
+        o[x] = 0.0f;
+    for (int64_t j = -r; j <= r; j++) {
+        const float kk = k[j + r];
+        const float *src = f + j;
+        for (int64_t x = lo; x < hi; x++)
+            o[x] += kk * src[x];
+    }
+    for (int64_t x = 0; x < dx; x++) {
+        if (x == lo && hi > lo) {
+            x = hi - 1;
+            continue;
+        }
+        float s = 0.0f;
+        for (int64_t j = -r; j <= r; j++) {
+            const int64_t xx = x + j;
+            if (xx >= dx)
+                continue;
+            s += k[j + r] * (xx >= 0 ? f[xx] : (wmirror ? mirror[-xx] * wmirror[-xx] : mirror[-xx]));
+        }
+        o[x] = s;
+    }
+}
+
+/* smooth_yz: the passes along y (out -> a) and z (a -> out) of smooth_half. */
+static void smooth_yz(float *a, float *out, int64_t dz, int64_t dy, int64_t dx, const float *k, int64_t r,
+                      int64_t nthreads)
+{
+    const int64_t sz = dy * dx;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t z = 0; z < dz; z++)
         for (int64_t y = 0; y < dy; y++)
             taps_along(a + z * sz + y * dx, out + z * sz, y, dy, dx, dx, k, r);
-    /* along z: a -> out (whole planes) */
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t z = 0; z < dz; z++)
         taps_along(out + z * sz, a, z, dz, sz, sz, k, r);
+}
+
+/* smooth_x: the pass along x of smooth_half, of a (times w when w is not NULL) into out. */
+static void smooth_x(const float *a, const float *w, float *out, int64_t dz, int64_t dy, int64_t dx, const float *k,
+                     int64_t r, int64_t nthreads)
+{
+    const int64_t sz = dy * dx;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(dx > 0 ? dx : 1));
+        #pragma omp for schedule(static)
+        for (int64_t z = 0; z < dz; z++) {
+            for (int64_t y = 0; y < dy; y++) {
+                const int64_t at = z * sz + y * dx, mat = (dz - 1 - z) * sz + (dy - 1 - y) * dx;
+                smooth_x_line(a + at, w ? w + at : NULL, a + mat, w ? w + mat : NULL, out + at, buf, dx, k, r);
+            }
+        }
+        free(buf);
+    }
+}
+
+/* smooth_half: separable convolution with a symmetric kernel k[0..2r] of a
+ * half grid a[z][y][x] (dz, dy, dx; z and y centred at (dz-1)/2 and
+ * (dy-1)/2, x from 0) holding a function with f(-x,-y,-z) = f(x,y,z): the
+ * values at x < 0 are read from the mirrored voxels. Zero beyond the grid
+ * elsewhere. The result goes to out; a is overwritten (work space).
+ * Lines are independent, so the loops run in parallel (deterministic).
+ */
+void smooth_half(float *a, float *out, int64_t dz, int64_t dy, int64_t dx, const float *k, int64_t r,
+                 int64_t nthreads)
+{
+    smooth_x(a, NULL, out, dz, dy, dx, k, r, nthreads);
+    smooth_yz(a, out, dz, dy, dx, k, r, nthreads);
 }
 
 /* density_iteration: one step of the density compensation of a half grid
@@ -127,22 +172,20 @@ void density_iteration(float *d, const float *w, const uint8_t *live, float *t1,
                        int64_t dx, const float *k, int64_t r, float floor_frac, int64_t nthreads)
 {
     const int64_t sz = dy * dx, m = dz * sz;
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t i = 0; i < m; i++)
-        t2[i] = d[i] * w[i];
-    smooth_half(t2, t1, dz, dy, dx, k, r, nthreads);
+    smooth_x(d, w, t2, dz, dy, dx, k, r, nthreads); /* the product d*w formed line by line */
+    smooth_yz(t1, t2, dz, dy, dx, k, r, nthreads);  /* t2 -> t1 (along y) -> t2 (along z) */
     float cmax = 0.0f;
     #pragma omp parallel for schedule(static) reduction(max : cmax) num_threads(nthreads)
     for (int64_t i = 0; i < m; i++)
-        if (t1[i] > cmax)
-            cmax = t1[i];
+        if (t2[i] > cmax)
+            cmax = t2[i];
     const float floor = cmax > 0.0f ? floor_frac * cmax : 1.0f;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < m; i++) {
         if (!live[i])
             d[i] = 0.0f;
-        else if (t1[i] > floor)
-            d[i] /= t1[i];
+        else if (t2[i] > floor)
+            d[i] /= t2[i];
     }
 }
 
