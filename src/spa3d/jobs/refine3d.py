@@ -59,7 +59,7 @@ from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels, residual_power
-from spa3d.inference.search import coarse_radius, make_search_grid
+from spa3d.inference.search import FINE_TABLE_BYTES, coarse_radius, make_search_grid
 from spa3d.io.atomic_write import atomic_path
 from spa3d.io.mrc import read_map, write_map
 from spa3d.io.particles import ParticleSet
@@ -656,13 +656,24 @@ def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: f
         for order in range(st.order + 1, o.auto_local_healpix_order):
             stages.append((EST_ORDER_ITERATIONS, timed(order, 0.0, r_mid, 0.5)[0], per_it + t_align))
     stages.append((EST_LOCAL_ITERATIONS, timed(o.auto_local_healpix_order, sigma_local, r_mid, 0.3)[0], per_it))
-    stages.append((1, timed(o.auto_local_healpix_order, sigma_local, nyq, 0.3)[0], 4 * per_it))
+    # the final iteration: local searches to Nyquist, then three reconstructions at Nyquist (the joined map and
+    # the two unfiltered halves), timed here on an empty back-projector of that size (its memory too)
+    per_final, _ = timed(o.auto_local_healpix_order, sigma_local, nyq, 0.3)
+    t_rec_final = timed_reconstruction(BackProjector(n, r_max=nyq, device=device), device)
+    stages.append((1, per_final, per_it + 3 * t_rec_final))
     total = sum(k * (per * len(ps) + extra) for k, per, extra in stages)
     log.debug(f"estimate stages (iterations, s per particle, s per iteration): {stages}")
     poses = len(oversampled_orientations(st.order, o.symmetry)[0]) * len(oversampled_translations(
         st.offset_range, st.offset_step)[0]) + 32 * float(np.maximum(res.n_significant, 0).mean())
-    gpu = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
-    return Estimate(total, host_peak_bytes(), gpu, poses, time.perf_counter() - t0)
+    # a whole batch's fine-pass rows at Nyquist (the 32 particles timed reach few of them): up to FINE_TABLE_BYTES
+    bs = o.batch_size or _batch_size(_estep_options(o, 1, sigma_local, o.auto_local_healpix_order, 1.0, 1.0), 1, 64,
+                                     device)
+    n_pix = FourierPixels.make(n, nyq).kx.shape[0]
+    table = min(FINE_TABLE_BYTES.get(device.type, FINE_TABLE_BYTES["cuda"]),
+                bs * 8 * EST_SIGNIFICANT * (40 * n_pix + 4 * bs))
+    gpu = int(torch.cuda.max_memory_allocated(device)) + table if device.type == "cuda" else 0
+    return Estimate(total, host_peak_bytes() + (table if device.type == "cpu" else 0), gpu, poses,
+                    time.perf_counter() - t0)
 
 
 def _combine_halves(results: list) -> EStepResult:
