@@ -196,11 +196,13 @@ def test_skip_align_classifies_at_known_poses(mixture, tmp_path):
     From a random split the classes separate slowly without a pose search
     (ARI 0.3 after 5 iterations, 1.0 after 15, seen on this mixture without
     --firstiter-cc; with it the first maps are more strongly regularised and
-    15 iterations are not enough).
+    15 iterations are not enough). With the gridding kernel of RELION's width
+    (2026-11-27) 9 of seeds 3–12 reach 1.0 in 15 iterations (the narrower
+    kernel before: 10 of 10), and seed 3 reaches it within 20.
     """
     d, labels = mixture
     maps, st = run_class3d(str(d / "particles.star"), str(d / "reference.mrc"), str(tmp_path / "job"),
-                           _opts(skip_align=True, n_iter=15, firstiter_cc=False))
+                           _opts(skip_align=True, n_iter=20, firstiter_cc=False))
     ari = adjusted_rand_index(labels, st.classes)
     assert ari >= 0.9, f"adjusted Rand index {ari:.3f}"
 

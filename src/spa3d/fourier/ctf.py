@@ -72,20 +72,31 @@ def ctf_half_plane(
     kx = kx / (box * pixel_size)
     ky = ky / (box * pixel_size)
     k2 = kx**2 + ky**2
-    lam = t(wavelength_angstrom(p.voltage))
-    cs = t(p.cs) * 1e7
+    lam = np.asarray(wavelength_angstrom(p.voltage), dtype=np.float64)
     q0 = np.clip(np.asarray(p.amplitude_contrast, dtype=np.float64), 0, 0.999999)
-    k3 = t(np.arctan(q0 / np.sqrt(1 - q0**2)))
-    u, v = t(p.defocus_u), t(p.defocus_v)
-    azimuth = t(np.deg2rad(p.defocus_angle))
+    u, v = np.asarray(p.defocus_u, dtype=np.float64), np.asarray(p.defocus_v, dtype=np.float64)
+    azimuth = np.deg2rad(np.asarray(p.defocus_angle, dtype=np.float64))
+    # per image: γ = k²·(a + b·cos 2α + c·sin 2α) − e·k⁴ + φ0, with α the pixel's azimuth: the astigmatic
+    # defocus (U+V)/2 + (U−V)/2·cos(2(α − angle)) expanded, so the per-pixel work is multiply-adds and one sine
     ang = torch.atan2(ky, kx)
-    defocus = 0.5 * (u + v) + 0.5 * (u - v) * torch.cos(2 * (ang - azimuth))
-    gamma = torch.pi * lam * defocus * k2 - 0.5 * torch.pi * cs * lam**3 * k2**2 + t(np.deg2rad(p.phase_shift)) + k3
-    ctf = torch.sin(gamma)
+    cos2a, sin2a = torch.cos(2 * ang), torch.sin(2 * ang)
+    a = t(np.pi * lam * 0.5 * (u + v))
+    b = t(np.pi * lam * 0.5 * (u - v) * np.cos(2 * azimuth))
+    c = t(np.pi * lam * 0.5 * (u - v) * np.sin(2 * azimuth))
+    e = t(0.5 * np.pi * np.asarray(p.cs, dtype=np.float64) * 1e7 * lam**3)
+    phi0 = t(np.deg2rad(np.asarray(p.phase_shift, dtype=np.float64)) + np.arctan(q0 / np.sqrt(1 - q0**2)))
+    gamma = b * cos2a
+    gamma.addcmul_(c.expand_as(gamma), sin2a.expand_as(gamma)).add_(a).mul_(k2)
+    gamma.addcmul_(-e.expand_as(gamma), (k2 * k2).expand_as(gamma)).add_(phi0)
+    ctf = torch.sin(gamma) if intact_first_peak else gamma.sin_()
     if intact_first_peak:
         ctf = torch.where(gamma.abs() < torch.pi / 2, torch.ones_like(ctf), ctf)
-    ctf = ctf * torch.exp(-t(p.bfactor) * k2 / 4)
+    bfac = np.asarray(p.bfactor, dtype=np.float64)
+    if np.any(bfac != 0):
+        ctf = ctf * torch.exp(-t(bfac) * k2 / 4)
     if phase_flipped:
         ctf = ctf.abs()
-    ctf = ctf * t(p.scale)
+    scale = np.asarray(p.scale, dtype=np.float64)
+    if np.any(scale != 1):
+        ctf = ctf * t(scale)
     return ctf.to(dtype)

@@ -92,12 +92,17 @@ def soft_sphere(n: int, radius: float, edge: float = 5.0, ndim: int = 3) -> np.n
 def _soft_sphere(n: int, radius: float, edge: float, ndim: int) -> np.ndarray:
     """soft_sphere's masks, kept: the M-step asks for the same box-n mask at every reconstruction (computing
     one took 70 ms at box 128, most of an M-step's time on a GPU)."""
-    c = (np.arange(n) - n // 2).astype(np.float64) ** 2
+    c = (np.arange(n) - n // 2).astype(np.float32) ** 2  # squared radii are integers: exact in float32
     r2 = c
     for axis in range(1, ndim):
         r2 = r2[..., None] + c.reshape((1,) * axis + (n,))
-    m = np.clip((radius + edge - np.sqrt(r2)) / max(edge, 1e-6), 0, 1)
-    return (0.5 - 0.5 * np.cos(np.pi * m)).astype(np.float32)
+    r = np.sqrt(r2, out=r2)
+    out = ((r <= radius) if edge > 0 else (r < radius)).astype(np.float32)
+    # the cosine only on the edge's voxels (a box-256 mask in 0.1 s instead of 1.4 s)
+    on_edge = (r > radius) & (r < radius + edge)
+    m = (radius + edge - r[on_edge].astype(np.float64)) / max(edge, 1e-6)
+    out[on_edge] = 0.5 - 0.5 * np.cos(np.pi * m)
+    return out
 
 
 def power_spectrum(vol) -> np.ndarray:

@@ -46,7 +46,7 @@ from spa3d.errors import InputError
 from spa3d.fourier.backprojector import BackProjector, half_map_fsc
 from spa3d.fourier.ctf import ctf_half_plane
 from spa3d.fourier.filters import lowpass, power_spectrum, relion_power, soft_sphere
-from spa3d.fourier.grid import phase_shift_2d, rfft2_centered
+from spa3d.fourier.grid import rfft2_centered, shift_half_plane
 from spa3d.fourier.projector import Projector
 from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations, psi_angles
@@ -615,7 +615,7 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
         if norm:
             x = x * torch.as_tensor(ch.norm_factor[sl], dtype=torch.float32, device=device)[:, None, None]
         old = torch.as_tensor(ch.offsets_px[sl], dtype=torch.float32, device=device)
-        x = x * phase_shift_2d(n, old.double()).to(x.dtype)
+        x = shift_half_plane(x, old)
         if o.ctf:
             c = ctf_half_plane(ps.ctf_params(idx), n, apix, device=device, intact_first_peak=o.ctf_intact_first_peak,
                                phase_flipped=o.ctf_phase_flipped).to(torch.float32)

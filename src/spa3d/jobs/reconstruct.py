@@ -19,7 +19,7 @@ from spa3d.backend.device import select_device
 from spa3d.errors import InputError
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.fourier.ctf import ctf_half_plane
-from spa3d.fourier.grid import phase_shift_2d, rfft2_centered
+from spa3d.fourier.grid import rfft2_centered, shift_half_plane
 from spa3d.geometry.euler import euler_to_matrix
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.io.mrc import write_map
@@ -63,7 +63,7 @@ def backproject_particles(particles: ParticleSet, indices: np.ndarray, opts: Rec
         imgs = torch.as_tensor(batch.images, device=device)
         ft = rfft2_centered(imgs)
         # shifting the image by +origin centres the particle
-        ft = ft * phase_shift_2d(n, torch.as_tensor(batch.origins_px, device=device, dtype=torch.float64)).to(ft.dtype)
+        ft = shift_half_plane(ft, batch.origins_px)
         weights = None
         if opts.ctf:
             c = ctf_half_plane(batch.ctf, n, apix, device=device, intact_first_peak=opts.ctf_intact_first_peak,

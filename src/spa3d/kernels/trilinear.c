@@ -108,7 +108,7 @@ static void smooth_x_line(const float *line, const float *wline, const float *mi
         float s = 0.0f;
         for (int64_t j = -r; j <= r; j++) {
             const int64_t xx = x + j;
-            if (xx >= dx)
+            if (xx >= dx || -xx >= dx) /* zero beyond the grid, also on the mirrored side */
                 continue;
             s += k[j + r] * (xx >= 0 ? f[xx] : (wmirror ? mirror[-xx] * wmirror[-xx] : mirror[-xx]));
         }
