@@ -281,9 +281,10 @@ class BackProjector:
         """
         data, weight = self._finalise()
         data, weight = self._symmetrise(data, weight, symmetry_ops)
-        c = torch.arange(2 * self.h + 1, device=self.device, dtype=torch.float32) - self.h
-        cx = torch.arange(self.h + 1, device=self.device, dtype=torch.float32)
-        inside = (c[:, None, None] ** 2 + c[None, :, None] ** 2 + cx[None, None, :] ** 2) < (self.r_max * self.pad) ** 2
+        c2 = (torch.arange(2 * self.h + 1, device=self.device, dtype=torch.float32) - self.h) ** 2
+        cx2 = torch.arange(self.h + 1, device=self.device, dtype=torch.float32) ** 2
+        # inside the sphere: x² < R² − y² − z², one comparison per voxel (no radius grid)
+        inside = cx2 < ((self.r_max * self.pad) ** 2 - c2[:, None] - c2[None, :])[..., None]
         w = weight.clone()
         if tau2 is not None:
             shell = self.shell_index()
@@ -297,9 +298,9 @@ class BackProjector:
             zero_term = torch.zeros_like(weight) if unregularised_where_tau2_zero else 1e3 * weight
             w = w + torch.where(t2s > 0, 1.0 / (self.pad**3 * t2s.clamp_min(1e-30)), zero_term)
             del t2s, zero_term
-        w = torch.where(inside, w, torch.zeros_like(w))
-        live = inside & (w > 0)
+        w.masked_fill_(~inside, 0.0)
         del inside
+        live = w > 0
         d = live.to(w.dtype)
         if not density_iterations(d, w.contiguous(), live, self._kernel(), n_iter_gridding):
             for _ in range(n_iter_gridding):
@@ -313,25 +314,37 @@ class BackProjector:
                 del conv, small
                 d.mul_(live)
         del w, live
-        ft = torch.complex(data[..., 0].contiguous(), data[..., 1].contiguous()) * d
-        del d, data, weight
         m = self.n if out_box is None else int(out_box)
         if m != self.n and (m % 2 or m > self.n or m // 2 <= self.r_max):
             raise ValueError(f"out_box {m}: must be even, at most {self.n} and hold r_max {self.r_max:.1f} (> 2·r_max)")
         npad = self.pad * m
-        vol = torch.fft.irfftn(half_to_rfft_layout(ft, npad), s=(npad,) * 3)
-        del ft
+        # the map's transform data·d, written straight into the inverse transform's layout
+        vol = torch.fft.irfftn(half_to_rfft_layout(data, npad, scale=d), s=(npad,) * 3)
+        del d, data, weight
         if m != self.n:
             vol = vol * (m / self.n) ** 3  # irfftn's 1/N³ with N = pad·m: the full map's values
         # real space: centre at index 0 (FFT order); keep the m voxels around it, centre at m//2
-        keep = torch.arange(-(m // 2), m - m // 2, device=self.device) % npad
-        vol = vol[keep][:, keep][:, :, keep]
+        vol = _window_centred(vol, m)
         vol = gridding_correct(vol, self.pad)
         if mask_edge:
             # as RELION: zero beyond the box's inscribed sphere (soft edge of 3 original pixels inside it)
             edge = 3.0 * m / self.n
             vol = vol * torch.as_tensor(soft_sphere(m, m / 2 - edge, edge), device=vol.device, dtype=vol.dtype)
         return vol.to(torch.float32)
+
+
+def _window_centred(vol: torch.Tensor, m: int) -> torch.Tensor:
+    """The m³ voxels around index 0 of a map in FFT order (N, N, N), centred at m//2: ``vol[keep][:, keep][:, :, keep]``
+    with keep = (−m//2 … m − m//2 − 1) mod N, copied block by block (eight corners) without index gathers."""
+    n = vol.shape[0]
+    lo, hi = m // 2, m - m // 2  # voxels −lo … −1 and 0 … hi−1
+    parts = ((slice(n - lo, n), slice(0, lo)), (slice(0, hi), slice(lo, m)))
+    out = vol.new_empty((m, m, m))
+    for zs, zd in parts:
+        for ys, yd in parts:
+            for xs, xd in parts:
+                out[zd, yd, xd] = vol[zs, ys, xs]
+    return out
 
 
 def half_map_fsc(half1: BackProjector, half2: BackProjector, symmetry_ops: np.ndarray | None = None,

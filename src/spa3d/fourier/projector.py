@@ -29,18 +29,27 @@ def cube_halfwidth(n: int, pad: int, r_max: float) -> int:
     return int(math.ceil(r_max * pad) + 2)
 
 
-def half_to_rfft_layout(half: torch.Tensor, npad: int) -> torch.Tensor:
+def half_to_rfft_layout(half: torch.Tensor, npad: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """A centred half grid (D, D, h+1; index [z + h, y + h, x]) as an rfftn array (npad, npad, npad//2+1).
 
     z and y go to FFT order; frequencies beyond the padded box (|k| > npad/2, and +npad/2) are dropped.
+    ``half`` is complex, or real (D, D, h+1, 2: real, imaginary); ``scale`` (D, D, h+1, real) multiplies it on
+    the way (block by block: no full-size temporary).
     """
     h = (half.shape[0] - 1) // 2
-    out = torch.zeros((npad, npad, npad // 2 + 1), dtype=half.dtype, device=half.device)
+    split = not torch.is_complex(half)
+    dtype = (torch.complex64 if half.dtype == torch.float32 else torch.complex128) if split else half.dtype
+    out = torch.zeros((npad, npad, npad // 2 + 1), dtype=dtype, device=half.device)
+    target = torch.view_as_real(out) if split else out
     lo, hi = min(h, npad // 2), min(h, npad // 2 - 1)  # kept: -lo .. hi
     nx = min(half.shape[2], npad // 2 + 1)
     for zs, zd in ((slice(h, h + hi + 1), slice(0, hi + 1)), (slice(h - lo, h), slice(npad - lo, npad))):
         for ys, yd in ((slice(h, h + hi + 1), slice(0, hi + 1)), (slice(h - lo, h), slice(npad - lo, npad))):
-            out[zd, yd, :nx] = half[zs, ys, :nx]
+            block = half[zs, ys, :nx]
+            if scale is not None:
+                f = scale[zs, ys, :nx]
+                block = block * (f[..., None] if split else f)
+            target[zd, yd, :nx] = block
     return out
 
 
