@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from spa3d.fourier.filters import soft_sphere
 from spa3d.fourier.grid import half_plane_freqs
 from spa3d.fourier.projector import cube_halfwidth, gridding_correct, half_to_rfft_layout
-from spa3d.kernels import backproject_half, density_iterations, smooth_half, trilinear_scatter
+from spa3d.kernels import backproject_half, density_iterations, smooth_half, symmetrise_half, trilinear_scatter
 
 
 #: The density compensation's kernel, in padded voxels: a separable Gaussian of σ 1.0 cut at 3 voxels, the width of
@@ -162,14 +162,28 @@ class BackProjector:
         zz, yy, xx = torch.meshgrid(z.to(torch.float32), c, cx, indexing="ij")
         return torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
 
-    def _symmetrise(self, data: torch.Tensor | None, weight: torch.Tensor, ops: np.ndarray, slab: int = 32):
+    def _symmetrise(self, data: torch.Tensor | None, weight: torch.Tensor, ops: np.ndarray, slab: int = 32,
+                    use_compiled: bool = True):
         """Sum of the accumulators rotated by every operator of a point group (``data`` None: weights only).
 
         Each voxel k gathers the accumulators at R·k (trilinear); where R·k has
-        x < 0 its Friedel mate is read. Done in slabs of z-planes to bound memory.
+        x < 0 its Friedel mate is read. Compiled (``kernels.symmetrise_half``: at box 256 with D2 about 10×
+        faster than grid_sample); otherwise with grid_sample in slabs of z-planes to bound memory.
         """
         if ops is None or len(ops) <= 1:
             return data, weight
+        if use_compiled:
+            if data is None:
+                out = symmetrise_half(weight.contiguous()[..., None], ops[1:])
+                if out is not None:
+                    return None, out[..., 0]
+            else:
+                acc = self._acc if (data.data_ptr() == self._acc.data_ptr() and data.shape[-1] == 2
+                                    and weight.data_ptr() == self._acc[..., 2].data_ptr()) else \
+                    torch.cat([data, weight[..., None]], dim=-1).contiguous()
+                out = symmetrise_half(acc, ops[1:], imag=1)
+                if out is not None:
+                    return out[..., :2], out[..., 2]
         d, hx = weight.shape[0], weight.shape[2]
         chans = [weight[None]] if data is None else [data.permute(3, 0, 1, 2), weight[None]]
         inp = torch.cat(chans, dim=0)[None].contiguous()  # (1, C, D, D, h+1)

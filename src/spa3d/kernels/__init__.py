@@ -12,6 +12,9 @@ the rotation applied on the fly (about 4x faster than ``grid_sample`` on its
 planar cube); ``backproject_half`` is its transpose, the insertion of
 central slices into the half-grid accumulators (coordinates, Friedel mates
 and the scatter in one pass).
+``symmetrise_half`` sums the accumulators over a point group's operators
+(trilinear, Friedel mates where R·k has x < 0): at box 256 with D2 1.7 s
+instead of grid_sample's 14 s.
 ``coarse_significant`` assembles the coarse pass's log-posteriors from the
 GEMM outputs and lists each image's significant samples in one sweep per
 image (the torch formulation makes about ten passes over a B × K·T·R array
@@ -43,7 +46,7 @@ def _load():
             p = here / f"_trilinear{suffix}"
             if p.exists():
                 lib = ctypes.CDLL(str(p))
-                if not hasattr(lib, "pair_power"):  # a library built from an older source
+                if not hasattr(lib, "symmetrise_half"):  # a library built from an older source
                     continue
                 lib.trilinear_scatter_grid.restype = None
                 lib.trilinear_scatter_grid.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -72,6 +75,9 @@ def _load():
                 lib.backproject_half.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                                  ctypes.c_int64]
+                lib.symmetrise_half.restype = None
+                lib.symmetrise_half.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [
+                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
                 lib.coarse_significant.restype = None
                 lib.coarse_significant.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [
                     ctypes.c_double, ctypes.c_int64, ctypes.c_double] + [ctypes.c_void_p] * 6 + [ctypes.c_int64]
@@ -136,6 +142,25 @@ def smooth_half(x: torch.Tensor, kernel: np.ndarray) -> torch.Tensor | None:
     dz, dy, dx = x.shape
     lib.smooth_half(x.data_ptr(), out.data_ptr(), dz, dy, dx, k.data_ptr(), (len(k) - 1) // 2,
                     torch.get_num_threads())
+    return out
+
+
+def symmetrise_half(acc: torch.Tensor, rotations: np.ndarray, imag: int = -1) -> torch.Tensor | None:
+    """``acc`` (D, D, h+1, C ≤ 4; centred half grid) plus its samples at R·k for each rotation (N, 3, 3), compiled.
+
+    Where R·k has x < 0 the Friedel mate is read and channel ``imag`` (−1: none) changes sign; trilinear, zero
+    beyond the grid (as ``BackProjector._symmetrise``'s grid_sample). Returns a new tensor, or None when the
+    compiled kernel cannot run.
+    """
+    lib = _load()
+    if (not lib or acc.device.type != "cpu" or acc.dtype != torch.float32 or not acc.is_contiguous()
+            or acc.dim() != 4 or acc.shape[-1] > 4):
+        return None
+    h = acc.shape[2] - 1
+    out = torch.empty_like(acc)
+    r = torch.as_tensor(np.ascontiguousarray(rotations, dtype=np.float32)).reshape(-1, 9).contiguous()
+    lib.symmetrise_half(acc.data_ptr(), out.data_ptr(), h, acc.shape[-1], int(imag), r.data_ptr(), r.shape[0],
+                        torch.get_num_threads())
     return out
 
 

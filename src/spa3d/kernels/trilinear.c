@@ -346,3 +346,81 @@ void backproject_half(float *acc, int64_t h, const float *rot, int64_t n_rot, co
         }
     }
 }
+
+/* symmetrise_half: out = in + sum over the operators R of in sampled at R.k, for the half-grid accumulators
+ * in[z][y][x][c] (z, y = -h..h at index +h, x = 0..h; nc interleaved channels). Where R.k has x < 0 its Friedel
+ * mate -R.k is read and channel `imag` (the imaginary part; -1: none) changes sign. Trilinear, zero beyond the
+ * grid. Only voxels with |k| <= h + 2 get the sum: every insertion lies within r_max.pad + sqrt(3) <= h, so
+ * samples further out are zero; the others are copied. Each output voxel is written by one thread (deterministic).
+ * rots: nops row-major 3x3 matrices, R.k with k = (x, y, z). nc <= 4. */
+void symmetrise_half(const float *in, float *out, int64_t h, int64_t nc, int64_t imag, const float *rots,
+                     int64_t nops, int64_t nthreads)
+{
+    const int64_t d = 2 * h + 1, w = h + 1;
+    const int64_t sy = w * nc, sz = d * sy;
+    const float r2max = (float)((h + 2) * (h + 2));
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t z = 0; z < d; z++) {
+        const float kz = (float)(z - h);
+        for (int64_t y = 0; y < d; y++) {
+            const float ky = (float)(y - h);
+            const float *src = in + z * sz + y * sy;
+            float *dst = out + z * sz + y * sy;
+            for (int64_t i = 0; i < w * nc; i++)
+                dst[i] = src[i];
+            const float rem = r2max - kz * kz - ky * ky;
+            if (rem < 0.0f)
+                continue;
+            for (int64_t x = 0; x < w && (float)(x * x) <= rem; x++) {
+                const float kx = (float)x;
+                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (int64_t op = 0; op < nops; op++) {
+                    const float *R = rots + 9 * op;
+                    float px = R[0] * kx + R[1] * ky + R[2] * kz;
+                    float py = R[3] * kx + R[4] * ky + R[5] * kz;
+                    float pz = R[6] * kx + R[7] * ky + R[8] * kz;
+                    float sign = 1.0f;
+                    if (px < 0.0f) {
+                        px = -px;
+                        py = -py;
+                        pz = -pz;
+                        sign = -1.0f;
+                    }
+                    py += (float)h;
+                    pz += (float)h;
+                    const float fx0 = floorf(px), fy0 = floorf(py), fz0 = floorf(pz);
+                    const int64_t x0 = (int64_t)fx0, y0 = (int64_t)fy0, z0 = (int64_t)fz0;
+                    const float fx = px - fx0, fy = py - fy0, fz = pz - fz0;
+                    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    for (int64_t a = 0; a < 2; a++) {
+                        const int64_t zz = z0 + a;
+                        if (zz < 0 || zz >= d)
+                            continue;
+                        const float wz = a ? fz : 1.0f - fz;
+                        for (int64_t b = 0; b < 2; b++) {
+                            const int64_t yy = y0 + b;
+                            if (yy < 0 || yy >= d)
+                                continue;
+                            const float wzy = wz * (b ? fy : 1.0f - fy);
+                            for (int64_t e = 0; e < 2; e++) {
+                                const int64_t xx = x0 + e;
+                                if (xx < 0 || xx >= w)
+                                    continue;
+                                const float wt = wzy * (e ? fx : 1.0f - fx);
+                                const float *p = in + zz * sz + yy * sy + xx * nc;
+                                for (int64_t c = 0; c < nc; c++)
+                                    s[c] += wt * p[c];
+                            }
+                        }
+                    }
+                    if (imag >= 0)
+                        s[imag] *= sign;
+                    for (int64_t c = 0; c < nc; c++)
+                        acc[c] += s[c];
+                }
+                for (int64_t c = 0; c < nc; c++)
+                    dst[x * nc + c] += acc[c];
+            }
+        }
+    }
+}
