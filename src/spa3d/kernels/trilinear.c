@@ -206,17 +206,22 @@ static inline void store4(float *p, v4f v)
 /* Trilinear value at padded frequency (x, y, z) of a half-grid Fourier cube, cube[z][y][x][2] (interleaved
  * re, im) with x = 0 .. h and y, z = -h .. h (index + h), d = 2h + 1. A frequency with x < 0 is read at its
  * Friedel mate (-k, complex conjugate). Corners outside the cube count as zero. */
+/* fold_friedel: a frequency with x < 0 becomes its Friedel mate -k; returns the sign of the imaginary part. */
+static inline float fold_friedel(float *x, float *y, float *z)
+{
+    if (*x >= 0.0f)
+        return 1.0f;
+    *x = -*x;
+    *y = -*y;
+    *z = -*z;
+    return -1.0f;
+}
+
 static inline void sample_half_one(const float *cube, int64_t h, float x, float y, float z, float *out)
 {
     const int64_t d = 2 * h + 1, nx = h + 1;
     const int64_t sy = nx * 2, sz = d * nx * 2;
-    float conj = 1.0f;
-    if (x < 0) {
-        x = -x;
-        y = -y;
-        z = -z;
-        conj = -1.0f;
-    }
+    const float conj = fold_friedel(&x, &y, &z);
     y += (float)h;
     z += (float)h;
     if (y >= 0.0f && z >= 0.0f) {
@@ -379,13 +384,7 @@ void symmetrise_half(const float *in, float *out, int64_t h, int64_t nc, int64_t
                     float px = R[0] * kx + R[1] * ky + R[2] * kz;
                     float py = R[3] * kx + R[4] * ky + R[5] * kz;
                     float pz = R[6] * kx + R[7] * ky + R[8] * kz;
-                    float sign = 1.0f;
-                    if (px < 0.0f) {
-                        px = -px;
-                        py = -py;
-                        pz = -pz;
-                        sign = -1.0f;
-                    }
+                    const float sign = fold_friedel(&px, &py, &pz);
                     py += (float)h;
                     pz += (float)h;
                     const float fx0 = floorf(px), fy0 = floorf(py), fz0 = floorf(pz);
