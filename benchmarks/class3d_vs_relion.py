@@ -1,16 +1,17 @@
 """spa3d class3d vs relion_refine 3D classification on the same particles, in the same run.
 
-Simulates a mixture of three species with relion_project (1TII's AB5
-complex, its B5 ring alone, and an unrelated compact "junk" protein; or with
+Simulates a mixture of three species with relion_project (1TII's AB5 complex,
+its B5 ring alone, and an unrelated compact "junk" protein; or with
 ``--mixture d2`` a D2 tetramer built from 1TII's A subunit, its dimer and its
-monomer; box 64, 2 Å/pixel, CTF, white noise), then runs RELION 3.1's 3D classification and
-spa3d's with the tutorial's settings scaled to 2 cores (reference: the intact
-complex at 50 Å, not on absolute greyscale; T=4, offsets 5/1, CTF, zero
-mask). The reference is a map made from an atomic model, so RELION is told
-it is CTF-corrected (``--ctf_corrected_ref``, the GUI's "Has reference been
-CTF-corrected? Yes", as the tutorial sets it): without it RELION's first
-iteration compares the images with projections that lack the CTF, and on
-these particles its poses after that iteration are nearly random. For each program it prints wall time, the adjusted Rand index of the
+monomer; box 64, 2 Å/pixel, CTF, white noise), then runs RELION 3.1's 3D
+classification and spa3d's with the tutorial's settings scaled to 2 cores
+(reference: the intact complex at 50 Å, not on absolute greyscale; T=4,
+offsets 5/1, CTF, zero mask). The reference is a map made from an atomic
+model, so RELION is told it is CTF-corrected (``--ctf_corrected_ref``, the
+GUI's "Has reference been CTF-corrected? Yes", as the tutorial sets it):
+without it RELION's first iteration compares the images with projections that
+lack the CTF, and on these particles its poses after that iteration are nearly
+random. For each program it prints wall time, the adjusted Rand index of the
 classes against the true species, and the FSC resolution of the class that
 holds most intact complexes against that species' ground truth.
 
