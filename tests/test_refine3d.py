@@ -122,6 +122,12 @@ def test_a_mirrored_half_is_turned_onto_the_other_with_poses_that_project_the_sa
     assert np.allclose(moved, transform_poses(before, s_fit), atol=0.05)
     again = st.angles.copy()
     assert np.array_equal(align_halves(maps, st, "C1", 6), maps) and np.array_equal(st.angles, again)  # now agree
+    assert st.halves_agreed == 1  # clearly: anything else correlates far less than the halves as they are
+    align_halves(maps, st, "C1", 7)
+    assert st.halves_agreed == 2  # settled: later iterations skip the check
+    assert np.array_equal(align_halves(np.stack([vol, other]), st, "C1", 8)[1], other)
+    rel = relative_orientation(vol, vol)
+    assert rel.correlation_as_is > 0.99 and rel.correlation_other < rel.correlation_as_is - 0.15
 
 
 # ---- a refinement of simulated particles (1TII, box 64, 2 Å/px, CTF, SNR 0.1) from the truth at 50 Å ----

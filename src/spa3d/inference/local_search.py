@@ -67,7 +67,8 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
                        sigma_ang: float, backprojectors: list[BackProjector] | None = None,
                        allowed_class: torch.Tensor | None = None, adaptive_fraction: float = 0.999,
                        max_significant: int = 256, half: torch.Tensor | None = None,
-                       chunk_bytes: int = 128 << 20, norm_stats: bool = False) -> BatchResult:
+                       chunk_bytes: int = 128 << 20, norm_stats: bool = False,
+                       x_recon: torch.Tensor | None = None) -> BatchResult:
     """E-step (and M-step sums) of one batch, searching each image's neighbourhood only.
 
     x_full (B, n, n//2+1): image FTs shifted by ``old_offsets`` (B, 2) pixels;
@@ -79,7 +80,8 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
     fine_trans (Tc·4, 2) pixels (:func:`oversampled_translations`), with a
     Gaussian prior (``offset_sigma_px``) on the total offset; allowed_class
     (B,) restricts an image to one class (-1 any). M-step sums go to
-    ``backprojectors[k]`` (``[h·K + k]`` with ``half``), as the global search's.
+    ``backprojectors[k]`` (``[h·K + k]`` with ``half``), as the global search's, from ``x_recon`` (the
+    unmasked images; default ``x_full``).
     """
     from spa3d.inference.search import SearchGrid, _fine_pass, batch_outputs, batch_result, significant_samples
 
@@ -108,7 +110,7 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
     for s0 in range(0, b, bc):
         sl = slice(s0, min(s0 + bc, b))
         a_ri = torch.view_as_real(xs[sl][:, None, :] * phases[None] * (cs[sl] * w)[:, None, :]).reshape(-1, n_t, 2 * n_p)
-        cw2 = (cs[sl] * cs[sl] * w)[:, None, :]
+        cw2 = (cs[sl] * cs[sl] * w).repeat_interleave(2, dim=-1)[:, None, :]  # (b, 1, 2P): the weight of re and im
         for k in range(k_cls):
             rows = ((allowed[sl] < 0) | (allowed[sl] == k)).nonzero()[:, 0]
             if len(rows) == 0:
@@ -116,7 +118,9 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
             pr = projectors[k].project_pixels(rots[sl][rows].reshape(-1, 3, 3), px_coarse.kx, px_coarse.ky)
             pr_ri = torch.view_as_real(pr).reshape(len(rows), n_j, n_p, 2)
             cross = torch.bmm(a_ri[rows], pr_ri.reshape(len(rows), n_j, 2 * n_p).transpose(1, 2))
-            power = torch.bmm(cw2[rows], pr_ri.square().sum(-1).transpose(1, 2))
+            # Σ_p c²w |proj|², squaring the projections in place (they are not needed again): a fresh squared
+            # copy and its sum over (re, im) cost ten times the product itself
+            power = torch.bmm(cw2[rows], pr_ri.reshape(len(rows), n_j, 2 * n_p).square_().transpose(1, 2))
             ll[sl][rows, k] = (cross - 0.5 * power - 0.5 * norm_x[sl][rows, None, None]
                                + prior_t_c[sl][rows, :, None] + prior_r_c[None, None, :] + log_class_prior[k])
             flops += len(rows) * (2.0 * n_t * 2 * n_p * n_j + 2.0 * n_p * n_j)
@@ -143,5 +147,5 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
         sums["res_image"] = torch.zeros(b, dtype=torch.float64, device=dev)
     _fine_pass(img, flat_grid, b, torch.ones(b, dtype=torch.bool, device=dev), x_full, ctf_full, old_offsets, grid,
                projectors, px_fine, sigma2_shell, log_class_prior, k_cls, False, prior_t, prior_r, backprojectors,
-               512, out, sums, False, half, fraction=adaptive_fraction)
+               512, out, sums, False, half, fraction=adaptive_fraction, x_recon=x_recon)
     return batch_result(out, sums, n_sig_all)

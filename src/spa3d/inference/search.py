@@ -202,7 +202,7 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
                  prior_rot: torch.Tensor | None = None, sigma_ang: float | None = None,
                  marginalise_broad: bool = True, pair_chunk: int = 512, residual: bool = False,
                  half: torch.Tensor | None = None, log_dir_prior: torch.Tensor | None = None,
-                 norm_stats: bool = False) -> BatchResult:
+                 norm_stats: bool = False, x_recon: torch.Tensor | None = None) -> BatchResult:
     """E-step (and M-step sums) for one batch.
 
     x_full: (B, n, n//2+1) complex image FTs shifted by the old offsets;
@@ -224,6 +224,10 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
     class's mass, so it replaces ``log_class_prior``); the fine samples take their coarse parent's. The result's
     ``rot_weight`` (K, Rc) then sums the posterior of every (class, coarse rotation) for the M-step.
     norm_stats: also return each image's posterior-weighted residual power (``residual_image``).
+    x_recon: the images the back-projectors receive, as ``x_full`` (default ``x_full``): RELION scores the
+    masked images but reconstructs from the unmasked ones (ml_optimiser.cpp, ``exp_Fimg_nomask``), which keep
+    the CTF-delocalised signal that a mask at the particle's edge cuts off; the noise statistics stay those
+    of the scored images.
     """
     dev = x_full.device
     b = x_full.shape[0]
@@ -291,13 +295,14 @@ def search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torc
         sel = broad.nonzero()[:, 0]
         rows = ll[sel] if hard else ll  # the hard pass's ll covers every image; _coarse_posterior's the broad ones
         _coarse_marginal(sel, rows.reshape(len(sel), -1), x_full[sel], ctf_full[sel], old_offsets[sel], grid, projectors, px_fine,
-                         sigma2_shell, k_cls, backprojectors, out, sums, residual, None if half is None else half[sel])
+                         sigma2_shell, k_cls, backprojectors, out, sums, residual, None if half is None else half[sel],
+                         None if x_recon is None else x_recon[sel])
         n_sig[sel] = -1
     del ll
     if len(img):
         _fine_pass(img, flat, b, ~broad, x_full, ctf_full, old_offsets, grid, projectors, px_fine, sigma2_shell,
                    log_class_prior, k_cls, hard, prior_t, prior_r if local else None, backprojectors, pair_chunk,
-                   out, sums, residual, half, log_dir_prior, adaptive_fraction)
+                   out, sums, residual, half, log_dir_prior, adaptive_fraction, x_recon)
     return batch_result(out, sums, n_sig)
 
 
@@ -377,11 +382,11 @@ def _coarse_posterior(xc, cc, wc, coarse_refs, phases_c, log_class_prior, allowe
 
 def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell,
                log_class_prior, k_cls, hard, prior_t, prior_r, backprojectors, pair_chunk, out, sums, residual=False,
-               half=None, log_dir_prior=None, fraction=1.0):
+               half=None, log_dir_prior=None, fraction=1.0, x_recon=None):
     """Score the children of the significant coarse samples (image ``img``, flat index ``flat``); fill ``out``.
 
     The M-step sums take each image's significant fine samples only (``fraction`` of its posterior,
-    :func:`significant_fine`; 1: all of them)."""
+    :func:`significant_fine`; 1: all of them); the back-projectors receive ``x_recon`` (default ``x_full``)."""
     dev = x_full.device
     n_tc = grid.coarse_trans.shape[0]
     n_rc = grid.coarse_rot.shape[0]
@@ -415,7 +420,7 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
             m = in_part[img]
             _fine_pass(img[m], flat[m], b, sharp & in_part, x_full, ctf_full, old_offsets, grid, projectors, p_fine,
                        sigma2_shell, log_class_prior, k_cls, hard, prior_t, prior_r, backprojectors, pair_chunk, out,
-                       sums, residual, half, log_dir_prior, fraction)
+                       sums, residual, half, log_dir_prior, fraction, x_recon)
         return
     inv = inv.reshape(key.shape)
     table = torch.empty((len(uniq), p_fine.kx.shape[0]), dtype=torch.complex64, device=dev)
@@ -532,35 +537,41 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     # Σ_t p over each sample's translations, per (image, table row): the CTF² weights as one GEMM-free sum
     wrow = torch.zeros((b, n_u), dtype=torch.float32, device=dev)
     add_at(wrow, img_m[:, None].expand(-1, 8), inv_m, post_m.sum(1))
-    xc = xf * cf
-    acc = kernels.fine_accumulate(xc, phases_f, post_m, img_m, child_t_m, inv_m, n_u)
-    if acc is None:
-        acc_ri = torch.zeros((n_u, 2 * n_p), dtype=torch.float32, device=dev)  # interleaved (re, im)
-        for s0 in range(0, n_m, pair_chunk):
-            s1 = min(n_m, s0 + pair_chunk)
-            ii = img_m[s0:s1]
-            pt_ = post_m[s0:s1].transpose(1, 2)  # (s, 8, 4)
-            xsc = xc[ii][:, None, :] * phases_f[child_t_m[s0:s1]]  # (s, 4, P)
-            acc_ri.index_add_(0, inv_m[s0:s1].reshape(-1),
-                              torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
-        acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
+
+    def accumulate(xc):  # Σ p·C·X·S per table row
+        acc = kernels.fine_accumulate(xc, phases_f, post_m, img_m, child_t_m, inv_m, n_u)
+        if acc is None:
+            acc_ri = torch.zeros((n_u, 2 * n_p), dtype=torch.float32, device=dev)  # interleaved (re, im)
+            for s0 in range(0, n_m, pair_chunk):
+                s1 = min(n_m, s0 + pair_chunk)
+                ii = img_m[s0:s1]
+                pt_ = post_m[s0:s1].transpose(1, 2)  # (s, 8, 4)
+                xsc = xc[ii][:, None, :] * phases_f[child_t_m[s0:s1]]  # (s, 4, P)
+                acc_ri.index_add_(0, inv_m[s0:s1].reshape(-1),
+                                  torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
+            acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
+        return acc
+
+    acc = accumulate(xf * cf)
+    # the unmasked images for the back-projection (the masked ones' sums give the noise statistics)
+    acc_bp = accumulate(p_fine.take(x_recon) * cf) if (x_recon is not None and backprojectors is not None) else acc
     if "res_image" in sums:
         sums["res_image"][sharp] = _image_residuals(xf, cf, p_fine, phases_f, table, table_ri, table_power, img_m,
                                                     child_t_m, inv_m, post_m, b, pair_chunk)[sharp]
     # rows (half, class, fine rotation) that some significant sample reached: the only ones to insert
     live = (wrow.sum(0) > 0).nonzero()[:, 0]
-    acc, table_l, u_dest_l, u_rot_l = acc[live], table[live], u_dest[live], u_rot[live]
+    acc, acc_bp, table_l, u_dest_l, u_rot_l = acc[live], acc_bp[live], table[live], u_dest[live], u_rot[live]
     acc_w = wrow[:, live].T @ c2  # (U', P)
     sums["flops"] += n_m * (24.0 + 128.0) * n_p + 2.0 * len(live) * b * n_p  # Σ p·C·X·S per row; Σ p·C² GEMM
     # the noise power's statistics: residuals of every significant sample, weighted by its posterior
     sums["res_terms"] += residual_power_terms(p_fine, xf[sharp], acc, acc_w, table_l)
     if backprojectors is not None:
         if residual:  # Σ p·C·(X·S − C·P) = Σ p·C·X·S − (Σ p·C²)·P
-            acc = acc - acc_w * table_l
+            acc_bp = acc_bp - acc_w * table_l
         for d, bp in enumerate(backprojectors):
             sel = (u_dest_l == d).nonzero()[:, 0]
             if len(sel):
-                bp.insert_pixels(acc[sel], acc_w[sel], grid.fine_rot[u_rot_l[sel]], p_fine.kx, p_fine.ky)
+                bp.insert_pixels(acc_bp[sel], acc_w[sel], grid.fine_rot[u_rot_l[sel]], p_fine.kx, p_fine.ky)
 
 
 
@@ -595,7 +606,7 @@ def _image_residuals(xf, cf, p_fine, phases_f, table, table_ri, table_power, img
 
 
 def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p_fine, sigma2_shell, k_cls,
-                     backprojectors, out, sums, residual=False, half=None):
+                     backprojectors, out, sums, residual=False, half=None, x_recon=None):
     """Images with broad posteriors: marginalise over every coarse sample (no fine pass), fill ``out[sel]``.
 
     ll: (B', K·Tc·Rc) coarse log-posteriors. The posterior-weighted images are
@@ -650,6 +661,9 @@ def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p
     n_p = xf.shape[1]
     # the CTF-multiplied shifted images as interleaved (re, im) rows: one real GEMM gives both parts of Σ p·C·X·S
     cxs = torch.view_as_real(xf[:, None, :] * phases[None] * cf[:, None, :]).reshape(bb * n_tc, 2 * n_p)
+    # the back-projection's images: unmasked when given (see search_batch)
+    cxs_bp = cxs if x_recon is None else torch.view_as_real(
+        p_fine.take(x_recon)[:, None, :] * phases[None] * cf[:, None, :]).reshape(bb * n_tc, 2 * n_p)
     c2 = cf * cf
     x_term = xf  # the images' power enters the residual sum once
     for h in ([None] if half is None else [0, 1]):
@@ -672,6 +686,8 @@ def _coarse_marginal(sel, ll, x_full, ctf_full, old_offsets, grid, projectors, p
             x_term = xf[:0]
             if backprojectors is None:
                 continue
+            if x_recon is not None:
+                data = torch.view_as_complex((pr.T @ cxs_bp).reshape(len(keep), n_p, 2))
             # spread over the 8 fine children of each coarse rotation, an eighth each: the same Fourier coverage
             # as the fine pass (one insertion per child, without copying the sums eight times)
             dest = k if h is None else h * k_cls + k

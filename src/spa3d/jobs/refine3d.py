@@ -147,6 +147,7 @@ class RefineState:
     smallest_change_orient: float = 999.0
     smallest_change_offset: float = 999.0
     high_fsc_at_limit: bool = False
+    halves_agreed: int = 0  # consecutive align_halves checks that found the halves clearly in one frame
     fine_enough: bool = False
     converged: bool = False  # the next iteration is the final one
     finished: bool = False
@@ -290,7 +291,8 @@ def update_sampling(st: RefineState, o: Refine3dOptions, apix: float) -> bool:
     return True
 
 
-def align_halves(maps: np.ndarray, st: RefineState, symmetry: str, it: int, margin: float = 0.03) -> np.ndarray:
+def align_halves(maps: np.ndarray, st: RefineState, symmetry: str, it: int, margin: float = 0.03,
+                 clear: float = 0.15, settled_after: int = 2) -> np.ndarray:
     """Bring the two half maps into one hand and frame when they have settled apart (not in RELION).
 
     Started from one low-resolution reference, the two independent half sets can each build a self-consistent
@@ -302,15 +304,28 @@ def align_halves(maps: np.ndarray, st: RefineState, symmetry: str, it: int, marg
     less with the initial reference is turned by S (map V(S·x), poses D·A·S, which give the same projections),
     so both halves keep the reference's hand. Their particles and data are untouched, so the halves stay
     independent. Returns the maps (possibly one half changed); ``st.angles`` follow.
+
+    Hands and frames settle in the first iterations, while the reference is still blurred: once
+    ``settled_after`` consecutive checks have found the halves as they are better than any other transform by
+    more than ``clear`` (``RelativeOrientation.correlation_other``; 0.3–0.6 below in settled runs, within 0.1
+    while they are still undecided), the check (about 1 s at box 64) stops for the rest of the run.
     """
+    if st.halves_agreed >= settled_after:
+        return maps
     n = maps.shape[-1]
     w = int(np.clip(2 * round(st.resolution_shell), 16, 32))
-    rel = relative_orientation(maps[0], maps[1], working_box=w)
     ops = symmetry_matrices(symmetry)
+    rel = relative_orientation(maps[0], maps[1], working_box=w, symmetry_ops=ops)
     near_symmetry_op = min(np.rad2deg(np.arccos(np.clip((np.trace(g.T @ rel.rotation) - 1) / 2, -1, 1)))
                            for g in ops) < 10.0
     if rel.correlation <= rel.correlation_as_is + margin or (not rel.mirrored and near_symmetry_op):
+        st.halves_agreed = st.halves_agreed + 1 if rel.correlation_as_is - rel.correlation_other > clear else 0
+        if st.halves_agreed == settled_after:
+            log.info(f"iteration {it}: the half maps share one hand and frame (whitened correlation "
+                     f"{rel.correlation_as_is:.3f}, anything else at most {rel.correlation_other:.3f}): "
+                     f"no more comparisons")
         return maps
+    st.halves_agreed = 0
     s = rel.matrix  # maps[1](S·x) ≈ maps[0](x)
     moved = 1
     if st.reference_small.size:
@@ -571,13 +586,14 @@ def _chunk_maker(ps, half_map, st, it, bs, o, e_opts, r_cur, r_coarse, hard, rad
                           half_map, st.sigma2, np.ones(1), st.sigma_offset_px, st.offsets_px[sel], st.angles[sel],
                           scale_all[sel], groups[sel], n_groups, np.full(len(sel), -1), None, e_opts, st.order,
                           r_cur, r_coarse, hard, radius_px, dev, threads,
-                          norm_factor=None if st.norm is None else st.avg_norm / st.norm[sel])
+                          norm_factor=None if st.norm is None else st.avg_norm / st.norm[sel], unmasked_recon=True)
 
     return chunk
 
 
 # iterations the estimate assumes at each stage (RELION's usual course; the data decide)
 EST_GLOBAL_ITERATIONS, EST_ORDER_ITERATIONS, EST_LOCAL_ITERATIONS = 10, 3, 4
+EST_ALIGN_CHECKS = 5  # align_halves checks before the halves count as settled
 EST_SIGNIFICANT = 4  # significant samples per particle after the first iterations (1–3 in the runs measured)
 EST_BATCH = 32  # particles timed per stage (the coarse grid's projections, shared by a batch, timed apart)
 
@@ -652,9 +668,11 @@ def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: f
     per_it = 2 * t_rec + t_acc
     if st.order < o.auto_local_healpix_order:
         stages.append((1, per_first, per_it))
-        stages.append((EST_GLOBAL_ITERATIONS - 1, per_mid, per_it + t_align))
+        # the half maps are compared until they have settled in one frame (align_halves; 2–8 checks measured)
+        n_align = min(EST_ALIGN_CHECKS, EST_GLOBAL_ITERATIONS - 1)
+        stages.append((EST_GLOBAL_ITERATIONS - 1, per_mid, per_it + t_align * n_align / (EST_GLOBAL_ITERATIONS - 1)))
         for order in range(st.order + 1, o.auto_local_healpix_order):
-            stages.append((EST_ORDER_ITERATIONS, timed(order, 0.0, r_mid, 0.5)[0], per_it + t_align))
+            stages.append((EST_ORDER_ITERATIONS, timed(order, 0.0, r_mid, 0.5)[0], per_it))
     stages.append((EST_LOCAL_ITERATIONS, timed(o.auto_local_healpix_order, sigma_local, r_mid, 0.3)[0], per_it))
     # the final iteration: local searches to Nyquist, then three reconstructions at Nyquist (the joined map and
     # the two unfiltered halves), timed here on an empty back-projector of that size (its memory too)

@@ -173,6 +173,11 @@ def whiten(vol: np.ndarray, low_shell: int = 2) -> np.ndarray:
     return np.fft.ifftn(f).real.astype(np.float32)
 
 
+def _angle(r: np.ndarray) -> float:
+    """Rotation angle of the proper rotation ``r``, degrees."""
+    return float(np.rad2deg(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1))))
+
+
 @dataclass
 class RelativeOrientation:
     """How map B sits relative to map A about the box centre: B(S @ x) ≈ A(x), S = M·R when mirrored, else R."""
@@ -181,6 +186,7 @@ class RelativeOrientation:
     mirrored: bool
     correlation: float  # whitened correlation of A and B(S @ x) in the working box
     correlation_as_is: float  # the same for S = identity
+    correlation_other: float = float("nan")  # the best for S neither the identity nor a symmetry operation
 
     @property
     def matrix(self) -> np.ndarray:
@@ -190,10 +196,11 @@ class RelativeOrientation:
     @property
     def angle(self) -> float:
         """Angle of R, degrees."""
-        return float(np.rad2deg(np.arccos(np.clip((np.trace(self.rotation) - 1) / 2, -1, 1))))
+        return _angle(self.rotation)
 
 
-def relative_orientation(a: np.ndarray, b: np.ndarray, working_box: int = 24, n_keep: int = 4) -> RelativeOrientation:
+def relative_orientation(a: np.ndarray, b: np.ndarray, working_box: int = 24, n_keep: int = 4,
+                         symmetry_ops: np.ndarray | None = None) -> RelativeOrientation:
     """The rotation about the box centre, in either hand, that best takes map ``b`` onto map ``a``.
 
     Both maps are Fourier-cropped and whitened (``whiten``): candidates come from a 15° HEALPix grid at box 16,
@@ -211,12 +218,15 @@ def relative_orientation(a: np.ndarray, b: np.ndarray, working_box: int = 24, n_
     fa, fb, fbm, fmask = prepared(min(n, working_box))
     as_is = float(_corr_many(fa, fb[None], fmask)[0])
     steps = (8.0, 4.0, 2.0, 1.0)
-    same = max((_refine_rotation(fa, fb, fmask, q, steps) for q in _grid_candidates(ca, cb, cmask, 2, n_keep)
-                + [np.eye(3)]), key=lambda c: c[0])
-    mirror = max((_refine_rotation(fa, fbm, fmask, q, steps) for q in _grid_candidates(ca, cbm, cmask, 2, n_keep)),
-                 key=lambda c: c[0])
+    same_all = [_refine_rotation(fa, fb, fmask, q, steps) for q in _grid_candidates(ca, cb, cmask, 2, n_keep)
+                + [np.eye(3)]]
+    mirror_all = [_refine_rotation(fa, fbm, fmask, q, steps) for q in _grid_candidates(ca, cbm, cmask, 2, n_keep)]
+    same, mirror = max(same_all, key=lambda c: c[0]), max(mirror_all, key=lambda c: c[0])
     (c, r), mirrored = (mirror, True) if mirror[0] > same[0] else (same, False)
-    return RelativeOrientation(r, mirrored, c, as_is)
+    ops = np.eye(3)[None] if symmetry_ops is None else np.asarray(symmetry_ops)
+    apart = [cs for cs, q in same_all if min(_angle(g.T @ q) for g in ops) > 10.0]
+    other = max([mirror[0]] + apart)
+    return RelativeOrientation(r, mirrored, c, as_is, float(other))
 
 
 def transform_map(vol: np.ndarray, s: np.ndarray) -> np.ndarray:
