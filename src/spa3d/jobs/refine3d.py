@@ -97,6 +97,9 @@ class Refine3dOptions:
     low_resol_join_halves: float = 40.0  # Å; the halves share their sums below this resolution (0: never)
     estimate: bool = True  # log the expected wall time and memory first (a short calibration)
     align_halves: bool = True  # bring a half set that settled in the other hand or frame onto the first (not RELION's)
+    # back-project the unmasked images, as RELION (exp_Fimg_nomask); off: the masked images that the E-step scores
+    # (measured better on particles extracted from crowded micrographs, worse on isolated ones: docs/conventions.md)
+    unmasked_reconstruction: bool = False
     ctf: bool = False
     ctf_intact_first_peak: bool = False
     ctf_phase_flipped: bool = False
@@ -586,7 +589,8 @@ def _chunk_maker(ps, half_map, st, it, bs, o, e_opts, r_cur, r_coarse, hard, rad
                           half_map, st.sigma2, np.ones(1), st.sigma_offset_px, st.offsets_px[sel], st.angles[sel],
                           scale_all[sel], groups[sel], n_groups, np.full(len(sel), -1), None, e_opts, st.order,
                           r_cur, r_coarse, hard, radius_px, dev, threads,
-                          norm_factor=None if st.norm is None else st.avg_norm / st.norm[sel], unmasked_recon=True)
+                          norm_factor=None if st.norm is None else st.avg_norm / st.norm[sel],
+                          unmasked_recon=o.unmasked_reconstruction)
 
     return chunk
 
@@ -837,7 +841,8 @@ CLI_OPTIONS = {"angular_sampling": "healpix_order", "healpix_order": "healpix_or
                "firstiter_cc": "firstiter_cc", "perturb": "perturb", "norm": "norm_correction", "sym": "symmetry",
                "tau2_fudge": "tau2_fudge",
                "max_iter": "max_iter", "low_resol_join_halves": "low_resol_join_halves",
-               "no_align_halves": "align_halves", "batch_size": "batch_size", "seed": "seed", "device": "device",
+               "no_align_halves": "align_halves", "unmasked_reconstruction": "unmasked_reconstruction",
+               "batch_size": "batch_size", "seed": "seed", "device": "device",
                "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler", "dry_run": "dry_run"}
 
 
@@ -858,6 +863,9 @@ def add_args(p) -> None:
                    help="the half sets share their maps below this resolution in Å (RELION's GUI: 40; 0: never)")
     p.add_argument("--no-align-halves", action="store_true",
                    help="never turn a half set that settled in the other hand or frame onto the first (RELION's way)")
+    p.add_argument("--unmasked-reconstruction", action="store_true",
+                   help="back-project the particles without the mask that the E-step applies (RELION's way: better "
+                   "for isolated particles, worse for particles extracted from crowded micrographs; docs/conventions.md)")
     p.add_argument("--max-iter", type=int, default=50, help="stop after this many iterations even if not converged "
                    "(then without the final maps, as RELION's --iter; --continue with a larger value goes on; default 50)")
     add_run_options(p)
@@ -869,6 +877,6 @@ def main(a) -> None:
     o = Refine3dOptions(auto_local_healpix_order=a.auto_local_healpix_order, solvent_mask=a.solvent_mask,
                         rescale_ref=a.rescale_ref, tau2_fudge=a.tau2_fudge, max_iter=a.max_iter,
                         low_resol_join_halves=a.low_resol_join_halves, align_halves=not a.no_align_halves,
-                        **ml_option_values(a))
+                        unmasked_reconstruction=a.unmasked_reconstruction, **ml_option_values(a))
     start_log(a)
     run_refine3d(a.i, a.ref, a.o, o, continue_from=a.continue_from, given=given_options(a, CLI_OPTIONS))
