@@ -53,6 +53,7 @@ from spa3d.geometry.sampling import angular_step, oversampled_orientations, over
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels, residual_power, residual_power_terms
 from spa3d.inference.local_search import local_rotations, local_search_batch
+from spa3d.inference.pruned_search import PREPASS_REACH, make_prepass, pruned_search_batch
 from spa3d.inference.search import SearchGrid, coarse_radius, make_search_grid, search_batch
 from spa3d.io.atomic_write import atomic_path
 from spa3d.io.mrc import read_map, write_map
@@ -128,6 +129,9 @@ class Class3dOptions:
     adaptive_fraction: float = 0.999
     max_significant: int = 256
     marginalise_broad: bool = False
+    # global searches at this HEALPix order or finer first score the grid one order coarser and then only the
+    # rotations near its significant samples (inference.pruned_search; not RELION's); 0: never
+    prepass_from_order: int = 0
     coarse_warmup: bool = True
     fast_subsets: bool = False
     coarse_radius_px: float | None = None  # radius of the coarse pass (default from the coarse step)
@@ -584,6 +588,13 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
     projectors = [Projector(ch.maps[k], r_max=min(n // 2, ch.r_cur + 2), device=device) for k in range(k_cls)]
     coarse_refs = ([projectors[k].project_pixels(grid.coarse_rot, px_c.kx, px_c.ky) for k in range(k_cls)]
                    if grid is not None else None)
+    pre = None
+    if (grid is not None and 0 < o.prepass_from_order <= ch.order and not ch.hard and ch.pdf_direction is None
+            and o.sigma_ang <= 0):  # the pre-pass: the grid one order coarser at its coarse radius (half this one's)
+        pre_grid = perturbed_grid(_search_grid(ch.order - 1, o, device), ch.order - 1, o, ch.iteration)
+        px_p = FourierPixels.make(n, min(ch.r_cur, float(np.ceil(ch.r_coarse / 2))), device=device)
+        pre = make_prepass(pre_grid.coarse_rot, grid, symmetry_matrices(o.symmetry), projectors, px_p,
+                           PREPASS_REACH * angular_step(ch.order - 1))
     if local:  # each image's neighbourhood only, coarse to fine (the fine step: the order's oversampled step)
         local_grid = tuple(torch.as_tensor(a, dtype=torch.float32, device=device)
                            for a in local_rotations(angular_step(ch.order + 1), o.sigma_ang))
@@ -646,10 +657,17 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
         else:
             prior_rot = (torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32, device=device)
                          if o.sigma_ang > 0 else None)
-            r = search_batch(x, c, old, grid, projectors, coarse_refs, px_c, px_f, sigma2_t, log_prior,
-                             ch.sigma_offset_px, bps, allowed, ch.hard, o.adaptive_fraction, o.max_significant,
-                             prior_rot, o.sigma_ang, o.marginalise_broad, half=half, log_dir_prior=log_dir,
-                             norm_stats=norm, x_recon=x_rec)
+            if pre is not None:
+                r = pruned_search_batch(x, c, old, grid, pre, projectors, coarse_refs, px_c, px_f, sigma2_t,
+                                        log_prior, ch.sigma_offset_px, bps, allowed, o.adaptive_fraction,
+                                        o.max_significant, o.marginalise_broad, half, norm, x_rec,
+                                        torch.as_tensor(euler_to_matrix(*ch.angles[sl].T), dtype=torch.float32,
+                                                        device=device) if ch.iteration > 1 else None)
+            else:
+                r = search_batch(x, c, old, grid, projectors, coarse_refs, px_c, px_f, sigma2_t, log_prior,
+                                 ch.sigma_offset_px, bps, allowed, ch.hard, o.adaptive_fraction, o.max_significant,
+                                 prior_rot, o.sigma_ang, o.marginalise_broad, half=half, log_dir_prior=log_dir,
+                                 norm_stats=norm, x_recon=x_rec)
             if r.rot_weight is not None:
                 out.rot_weight = r.rot_weight if out.rot_weight is None else out.rot_weight + r.rot_weight
             out.offsets_px[sl] = ch.offsets_px[sl] + r.best_translation

@@ -100,6 +100,9 @@ class Refine3dOptions:
     # back-project the unmasked images, as RELION (exp_Fimg_nomask); off: the masked images that the E-step scores
     # (measured better on particles extracted from crowded micrographs, worse on isolated ones: docs/conventions.md)
     unmasked_reconstruction: bool = False
+    # global searches at this HEALPix order or finer (3: 3.75°) go through a pre-pass one order coarser and score
+    # only the rotations near its significant samples (inference.pruned_search; not RELION's); 0: never
+    prepass_from_order: int = 3
     ctf: bool = False
     ctf_intact_first_peak: bool = False
     ctf_phase_flipped: bool = False
@@ -718,6 +721,7 @@ def _estep_options(o: Refine3dOptions, k: int, sigma_ang: float, order: int, off
                           ctf_phase_flipped=o.ctf_phase_flipped, firstiter_cc=o.firstiter_cc, symmetry=o.symmetry,
                           sigma_ang=sigma_ang, perturb=o.perturb, adaptive_fraction=o.adaptive_fraction,
                           max_significant=o.max_significant, marginalise_broad=False, batch_size=o.batch_size,
+                          prepass_from_order=o.prepass_from_order,
                           seed=o.seed, device=o.device, threads=o.threads, coarse_warmup=False)
 
 
@@ -842,6 +846,7 @@ CLI_OPTIONS = {"angular_sampling": "healpix_order", "healpix_order": "healpix_or
                "tau2_fudge": "tau2_fudge",
                "max_iter": "max_iter", "low_resol_join_halves": "low_resol_join_halves",
                "no_align_halves": "align_halves", "unmasked_reconstruction": "unmasked_reconstruction",
+               "no_prepass": "prepass_from_order",
                "batch_size": "batch_size", "seed": "seed", "device": "device",
                "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler", "dry_run": "dry_run"}
 
@@ -866,6 +871,9 @@ def add_args(p) -> None:
     p.add_argument("--unmasked-reconstruction", action="store_true",
                    help="back-project the particles without the mask that the E-step applies (RELION's way: better "
                    "for isolated particles, worse for particles extracted from crowded micrographs; docs/conventions.md)")
+    p.add_argument("--no-prepass", action="store_true",
+                   help="score the whole 3.75° grid in the global searches, as RELION, instead of first scoring the "
+                   "7.5° grid and then only the rotations near its likely ones (docs/design.md)")
     p.add_argument("--max-iter", type=int, default=50, help="stop after this many iterations even if not converged "
                    "(then without the final maps, as RELION's --iter; --continue with a larger value goes on; default 50)")
     add_run_options(p)
@@ -877,6 +885,7 @@ def main(a) -> None:
     o = Refine3dOptions(auto_local_healpix_order=a.auto_local_healpix_order, solvent_mask=a.solvent_mask,
                         rescale_ref=a.rescale_ref, tau2_fudge=a.tau2_fudge, max_iter=a.max_iter,
                         low_resol_join_halves=a.low_resol_join_halves, align_halves=not a.no_align_halves,
-                        unmasked_reconstruction=a.unmasked_reconstruction, **ml_option_values(a))
+                        unmasked_reconstruction=a.unmasked_reconstruction,
+                        prepass_from_order=0 if a.no_prepass else 3, **ml_option_values(a))
     start_log(a)
     run_refine3d(a.i, a.ref, a.o, o, continue_from=a.continue_from, given=given_options(a, CLI_OPTIONS))
