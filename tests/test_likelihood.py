@@ -2,12 +2,13 @@
 
 import numpy as np
 import torch
+from scipy.spatial.transform import Rotation
 
 from spa3d.fourier.ctf import ctf_half_plane
 from spa3d.fourier.grid import irfft2_centered, phase_shift_2d, rfft2_centered
 from spa3d.fourier.projector import Projector
 from spa3d.geometry.euler import angular_distance_deg, euler_to_matrix
-from spa3d.geometry.sampling import orientation_grid, translation_grid
+from spa3d.geometry.sampling import orientation_grid, oversampled_orientations, translation_grid
 from spa3d.inference.likelihood import FourierPixels, gemm_flops, log_likelihoods
 from spa3d.jobs.simulate import SimulationOptions, _random_ctf
 
@@ -319,3 +320,93 @@ def test_add_at_sums_repeated_indices_in_the_same_order_every_time():
     ref = np.zeros((300, 5_000))
     np.add.at(ref, (rows.numpy(), cols.numpy()), vals.numpy().astype(np.float64))
     np.testing.assert_allclose(first.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _noisy_projections(vol, n, n_img, rng, r_max, noise=0.3):
+    """Images (B, n, n//2+1) of ``vol`` at random rotations, moved by random shifts (−1..1 px), with white noise."""
+    from spa3d.geometry.euler import random_rotations
+
+    true = torch.as_tensor(random_rotations(n_img, rng), dtype=torch.float32)
+    proj = Projector(vol, r_max=r_max + 2)
+    clean = proj.project(true)
+    shift = torch.as_tensor(rng.uniform(-1, 1, (n_img, 2)), dtype=torch.float32)
+    full = FourierPixels.make(n, n)
+    phases = torch.stack([full.shift_phases(-shift[i:i + 1])[0] for i in range(n_img)])
+    x = torch.zeros_like(clean).reshape(n_img, -1)
+    x[:, full.index] = full.take(clean) * phases
+    x = x.reshape(clean.shape)
+    sigma = noise * float(x.abs().pow(2).mean().sqrt())
+    x = x + sigma * torch.complex(torch.randn(x.shape, generator=torch.Generator().manual_seed(1)),
+                                  torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))
+    return x, true, shift, proj, sigma
+
+
+def test_pruned_search_finds_the_exhaustive_search_poses(truth_map, monkeypatch):
+    """The pre-pass at 7.5° keeps the poses that the exhaustive 3.75° search finds, scoring a fraction of the grid;
+    images it cannot settle go through the exhaustive search, with the same results."""
+    from spa3d.fourier.backprojector import BackProjector
+    from spa3d.geometry.symmetry import symmetry_matrices
+    from spa3d.inference import pruned_search
+    from spa3d.inference.pruned_search import make_prepass, pruned_search_batch
+    from spa3d.inference.search import coarse_radius, make_search_grid, search_batch
+
+    vol, _ = truth_map
+    n, r_max, n_img = 64, 20, 16
+    rng = np.random.default_rng(8)
+    x, true, shift, proj, sigma = _noisy_projections(vol, n, n_img, rng, r_max, noise=1.0)
+    grid = make_search_grid(3, "C1", 2.0, 1.0)
+    pre_grid = make_search_grid(2, "C1", 2.0, 1.0)
+    r_c = coarse_radius(3, 110, n, 2.0)
+    px_c, px_f, px_p = FourierPixels.make(n, min(r_max, r_c)), FourierPixels.make(n, r_max), FourierPixels.make(
+        n, np.ceil(r_c / 2))
+    refs = [proj.project_pixels(grid.coarse_rot, px_c.kx, px_c.ky)]
+    sigma2 = torch.full((n // 2 + 1,), 2 * sigma**2)
+    ctf, old = torch.ones(x.shape), torch.zeros(n_img, 2)
+    args = (x, ctf, old)
+    bp_full = [BackProjector(n, r_max=r_max)]
+    full = search_batch(*args, grid, [proj], refs, px_c, px_f, sigma2, torch.zeros(1), 3.0, bp_full,
+                        marginalise_broad=False)
+    err = np.rad2deg(np.arccos(np.clip((np.einsum("bij,bij->b", full.best_rotation, true.numpy()) - 1) / 2, -1, 1)))
+    assert np.median(err) < 3.0, err  # the exhaustive search itself finds the poses
+    pre = make_prepass(pre_grid.coarse_rot, grid, symmetry_matrices("C1"), [proj], px_p, 1.25 * 15.0)
+    bp = [BackProjector(n, r_max=r_max)]
+    pruned = pruned_search_batch(*args, grid, pre, [proj], refs, px_c, px_f, sigma2, torch.zeros(1), 3.0, bp,
+                                 marginalise_broad=False)
+    assert np.array_equal(pruned.best_rotation, full.best_rotation)
+    assert np.array_equal(pruned.best_translation, full.best_translation)
+    np.testing.assert_allclose(pruned.max_posterior, full.max_posterior, rtol=1e-3, atol=1e-4)
+    assert pruned.poses < 0.3 * full.poses, (pruned.poses, full.poses)
+    assert torch.allclose(bp[0].weight, bp_full[0].weight, rtol=1e-3, atol=1e-4 * float(bp_full[0].weight.abs().max()))
+    # with previous poses 20° off, the same poses (the previous pose only widens the search)
+    axes = rng.standard_normal((n_img, 3))
+    prior = torch.as_tensor(true.numpy() @ Rotation.from_rotvec(np.deg2rad(20.0) * axes / np.linalg.norm(
+        axes, axis=1, keepdims=True)).as_matrix(), dtype=torch.float32)
+    seeded = pruned_search_batch(*args, grid, pre, [proj], refs, px_c, px_f, sigma2, torch.zeros(1), 3.0, None,
+                                 marginalise_broad=False, prior_rot=prior)
+    assert np.array_equal(seeded.best_rotation, full.best_rotation)
+    # no image settled by the pre-pass: every image searched exhaustively, as search_batch does
+    monkeypatch.setattr(pruned_search, "PREPASS_MAX_ROTATIONS", 0)
+    bp_ex = [BackProjector(n, r_max=r_max)]
+    ex = pruned_search_batch(*args, grid, pre, [proj], refs, px_c, px_f, sigma2, torch.zeros(1), 3.0, bp_ex,
+                             marginalise_broad=False)
+    assert np.array_equal(ex.best_rotation, full.best_rotation) and ex.poses > full.poses
+    np.testing.assert_allclose(ex.residual_shell, full.residual_shell, rtol=1e-5)
+    assert torch.equal(bp_ex[0].weight, bp_full[0].weight)
+
+
+def test_rotation_index_finds_neighbours_across_the_asymmetric_unit():
+    """The pre-pass's neighbours are symmetry-aware: for random rotations the D2 grid row nearest to them (over
+    the mates A·L, as orientation changes are measured) is within the reach."""
+    from spa3d.geometry.symmetry import symmetry_matrices
+    from spa3d.inference.pruned_search import RotationIndex
+    from spa3d.jobs.refine3d import orientation_changes
+
+    ops = symmetry_matrices("D2")
+    grid = euler_to_matrix(*oversampled_orientations(3, "D2")[0].T)
+    x = Rotation.random(200, random_state=3).as_matrix()
+    index = RotationIndex(grid, ops)
+    indptr, indices = index.near(x, 8.0)
+    for i in range(len(x)):
+        d = orientation_changes(np.repeat(x[i:i + 1], len(grid), 0), grid, ops)
+        hits = indices[indptr[i]:indptr[i + 1]]
+        assert int(d.argmin()) in set(hits.tolist()) and d[hits].max() <= 8.0 + 1e-6
