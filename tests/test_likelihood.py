@@ -410,3 +410,34 @@ def test_rotation_index_finds_neighbours_across_the_asymmetric_unit():
         d = orientation_changes(np.repeat(x[i:i + 1], len(grid), 0), grid, ops)
         hits = indices[indptr[i]:indptr[i + 1]]
         assert int(d.argmin()) in set(hits.tolist()) and d[hits].max() <= 8.0 + 1e-6
+
+
+def test_candidate_scores_kernel_matches_torch(monkeypatch):
+    """The pre-pass's coarse pass scores each image's own candidates: the compiled kernels (blocks of 4 shifts × 8
+    candidates read from the projection table) and the batched products of the GPU path agree."""
+    from spa3d import kernels
+    from spa3d.inference.pruned_search import _coarse_scores
+
+    g = torch.Generator().manual_seed(3)
+    n_i, n_t, n_p, n_r, k_cls = 5, 7, 40, 50, 2
+
+    def cplx(*shape):
+        return torch.complex(torch.randn(*shape, generator=g), torch.randn(*shape, generator=g))
+
+    xs, cs, w = cplx(n_i, n_p), torch.rand(n_i, n_p, generator=g), torch.rand(n_p, generator=g) + 0.5
+    phases = torch.polar(torch.ones(n_t, n_p), torch.rand(n_t, n_p, generator=g) * 6.28)
+    refs = [cplx(n_r, n_p) for _ in range(k_cls)]
+    per = torch.tensor([1, 9, 17, 3, 8])  # candidates per image, padded to 17
+    valid = torch.arange(17)[None, :] < per[:, None]
+    rot_pad = torch.randint(0, n_r, (n_i, 17), generator=g) * valid
+    cls_pad = torch.randint(0, k_cls, (n_i, 17), generator=g) * valid
+    lpt, prior = -torch.rand(n_i, n_t, generator=g), torch.log(torch.tensor([0.3, 0.7]))
+    args = (xs, cs, w, phases, refs, rot_pad, cls_pad, valid, lpt, prior, 1 << 20)
+    if not kernels.have_compiled_kernels():
+        return
+    fast = _coarse_scores(*args)
+    monkeypatch.setattr(kernels, "have_compiled_kernels", lambda: False)
+    ref = _coarse_scores(*args)
+    assert torch.equal(torch.isinf(fast), torch.isinf(ref)) and int(torch.isfinite(ref).sum()) == n_t * int(per.sum())
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(fast[fin], ref[fin], rtol=1e-4, atol=1e-3)
