@@ -101,13 +101,6 @@ class RotationIndex:
         return indptr, (np.concatenate(lists) if lists else np.zeros(0)).astype(np.int64)
 
 
-def grid_neighbours(pre_rot: np.ndarray, rot: np.ndarray, ops: np.ndarray,
-                    max_angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
-    """For each rotation of ``pre_rot`` (Rp, 3, 3), the rows of ``rot`` (R, 3, 3) with a symmetry mate
-    ``rot[r] @ L`` (``ops`` (G, 3, 3)) within ``max_angle_deg`` degrees; CSR (indptr (Rp + 1,), indices)."""
-    return RotationIndex(rot, ops).near(pre_rot, max_angle_deg)
-
-
 _INDEX_CACHE: dict = {}
 
 
