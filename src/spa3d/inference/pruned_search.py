@@ -24,7 +24,9 @@ coarse grid):
 
 An image keeps at most the ``PREPASS_MAX_ROTATIONS`` best of the rotations
 within the margin; one whose coarse-pass posterior is too broad for
-``max_significant`` samples goes through the exhaustive search instead.
+``max_significant`` samples is treated as the exhaustive search treats it:
+with ``marginalise_broad`` it goes through that search (marginalised over
+the whole grid), without it keeps its ``max_significant`` best samples.
 Conventions as :mod:`spa3d.inference.search` (translations in pixels moving
 the image by +t, radii in cycles per box); rotations are symmetry mates when
 A·L = B for a symmetry operator L (:func:`spa3d.jobs.refine3d.orientation_changes`).
@@ -306,8 +308,10 @@ def pruned_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offset
         poses += float(n_cand * n_t)
         img2, flat2, n_sig, covered2 = significant_samples(ll.reshape(n_i, -1), adaptive_fraction, max_significant)
         del ll
-        broad2 = covered2 < adaptive_fraction
-        exhaustive[images[broad2]] = True  # a posterior too broad for the cap: the whole grid
+        # a posterior too broad for the cap: marginalised over the whole grid by the exhaustive search, or (as the
+        # exhaustive search does without ``marginalise_broad``) cut to its ``max_significant`` best samples
+        broad2 = (covered2 < adaptive_fraction) & marginalise_broad
+        exhaustive[images[broad2]] = True
         n_sig_all[images] = n_sig
         ok = ~broad2[img2]
         img2, flat2 = img2[ok], flat2[ok]
