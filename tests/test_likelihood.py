@@ -341,12 +341,13 @@ def _noisy_projections(vol, n, n_img, rng, r_max, noise=0.3):
     return x, true, shift, proj, sigma
 
 
-def test_pruned_search_finds_the_exhaustive_search_poses(truth_map, monkeypatch):
+def test_pruned_search_finds_the_exhaustive_search_poses(truth_map):
     """The pre-pass at 7.5° keeps the poses that the exhaustive 3.75° search finds, scoring a fraction of the grid;
     images it cannot settle go through the exhaustive search, with the same results."""
+    import dataclasses
+
     from spa3d.fourier.backprojector import BackProjector
     from spa3d.geometry.symmetry import symmetry_matrices
-    from spa3d.inference import pruned_search
     from spa3d.inference.pruned_search import make_prepass, pruned_search_batch
     from spa3d.inference.search import coarse_radius, make_search_grid, search_batch
 
@@ -385,10 +386,9 @@ def test_pruned_search_finds_the_exhaustive_search_poses(truth_map, monkeypatch)
                                  marginalise_broad=False, prior_rot=prior)
     assert np.array_equal(seeded.best_rotation, full.best_rotation)
     # no image settled by the pre-pass: every image searched exhaustively, as search_batch does
-    monkeypatch.setattr(pruned_search, "PREPASS_MAX_ROTATIONS", 0)
     bp_ex = [BackProjector(n, r_max=r_max)]
-    ex = pruned_search_batch(*args, grid, pre, [proj], refs, px_c, px_f, sigma2, torch.zeros(1), 3.0, bp_ex,
-                             marginalise_broad=False)
+    ex = pruned_search_batch(*args, grid, dataclasses.replace(pre, max_rotations=0), [proj], refs, px_c, px_f, sigma2,
+                             torch.zeros(1), 3.0, bp_ex, marginalise_broad=False)
     assert np.array_equal(ex.best_rotation, full.best_rotation) and ex.poses > full.poses
     np.testing.assert_allclose(ex.residual_shell, full.residual_shell, rtol=1e-5)
     assert torch.equal(bp_ex[0].weight, bp_full[0].weight)

@@ -80,6 +80,7 @@ class PrePass:
     indices: torch.Tensor
     index: "RotationIndex"
     reach_deg: float
+    max_rotations: int = 64  # pre-pass rotations an image keeps at most (PREPASS_MAX_ROTATIONS)
 
 
 class RotationIndex:
@@ -107,10 +108,10 @@ _INDEX_CACHE: dict = {}
 
 
 def make_prepass(pre_rot: torch.Tensor, grid: SearchGrid, ops: np.ndarray, projectors: list[Projector],
-                 px: FourierPixels, reach_deg: float) -> PrePass:
+                 px: FourierPixels, reach_deg: float, max_rotations: int = PREPASS_MAX_ROTATIONS) -> PrePass:
     """The :class:`PrePass` of a chunk of images: projections of the coarser grid ``pre_rot`` at ``px`` and the
     rotations of ``grid.coarse_rot`` within ``reach_deg`` degrees of each (cached: the grids of an iteration
-    repeat)."""
+    repeat); each image keeps at most ``max_rotations`` pre-pass rotations."""
     a, b = pre_rot.cpu().numpy(), grid.coarse_rot.cpu().numpy()
     key = (a.shape, b.shape, a.tobytes(), b.tobytes(), ops.tobytes(), float(reach_deg))
     if key not in _INDEX_CACHE:
@@ -121,7 +122,7 @@ def make_prepass(pre_rot: torch.Tensor, grid: SearchGrid, ops: np.ndarray, proje
     dev = grid.coarse_rot.device
     refs = [p.project_pixels(pre_rot, px.kx, px.ky) for p in projectors]
     return PrePass(pre_rot, px, refs, torch.as_tensor(indptr, device=dev), torch.as_tensor(indices, device=dev),
-                   index, float(reach_deg))
+                   index, float(reach_deg), int(max_rotations))
 
 
 def _expand(indptr: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,9 +280,9 @@ def pruned_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offset
     llr = ll1.amax(2).reshape(b, k_cls * n_rp)
     del ll1
     keep1 = llr >= llr.amax(1, keepdim=True) - PREPASS_MARGIN
-    if keep1.shape[1] > PREPASS_MAX_ROTATIONS:  # and only the best PREPASS_MAX_ROTATIONS of those
+    if keep1.shape[1] > pre.max_rotations:  # and only the best max_rotations of those
         top = torch.zeros_like(keep1)
-        top.scatter_(1, torch.topk(llr, PREPASS_MAX_ROTATIONS, dim=1).indices, True)
+        top.scatter_(1, torch.topk(llr, pre.max_rotations, dim=1).indices, True)
         keep1 &= top
     img1, kr = keep1.nonzero(as_tuple=True)
     seeds = None

@@ -613,11 +613,13 @@ def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: f
     that a batch of the run's size shares: global searches at the first order
     (at the first radius and at 70 % of Nyquist, where the radius usually settles), one order finer, local
     searches at the auto-local order, and the final iteration's local searches to Nyquist (all but the first
-    with at most EST_SIGNIFICANT significant samples per particle, as in a refinement under way); plus the
-    reconstructions, the accuracy estimate and the half-map comparison of one iteration. The stages are
+    with at most EST_SIGNIFICANT significant samples and pre-pass rotations per particle, as in a refinement
+    under way); plus the reconstructions, the accuracy estimate and the half-map comparison of one iteration.
+    The coarse grid's projections and the pre-pass, made once per chunk of images, are timed apart. The stages are
     weighted by EST_*_ITERATIONS; a run that stays longer at one sampling takes longer.
     """
-    from spa3d.jobs.class3d import estep_chunk
+    from spa3d.inference.pruned_search import _INDEX_CACHE
+    from spa3d.jobs.class3d import chunk_prepass, estep_chunk
     from spa3d.jobs.estimate import Estimate, host_peak_bytes, synchronize, timed_reconstruction
 
     t0 = time.perf_counter()
@@ -642,6 +644,7 @@ def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: f
         sel = np.nonzero(st.halves == 0)[0][:b_cal]
         if sharp:  # against the low-passed reference every pose looks alike; a refinement's posteriors are sharp
             e_opts.max_significant = EST_SIGNIFICANT
+            e_opts.prepass_max_rotations = EST_SIGNIFICANT
         r_coarse = coarse_radius(order, diameter, n, apix)
         chunk = _chunk_maker(ps, maps[0:1], cal, 1, b_cal, o, e_opts, r_cur, r_coarse, False, radius_px, scale_all,
                              groups, n_groups, 0)
@@ -650,14 +653,16 @@ def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: f
         res = estep_chunk(chunk(sel, 0, str(device)))
         t_batch = time.perf_counter() - t
         t_proj = 0.0
-        if sigma_ang <= 0 and bs > b_cal:  # a batch projects the coarse grid once for all its images
+        if sigma_ang <= 0:  # a chunk of images (a half set, in one process) projects the coarse grid once
             grid = make_search_grid(order, o.symmetry, rng_, step_, device)
             px = FourierPixels.make(n, min(r_cur, r_coarse), device=device)
             proj = Projector(maps[0], r_max=min(n // 2, r_cur + 2), device=device)
             t = time.perf_counter()
             proj.project_pixels(grid.coarse_rot, px.kx, px.ky)
+            _INDEX_CACHE.clear()  # and makes its pre-pass once (the rotation index: once per iteration)
+            chunk_prepass(e_opts, order, cal.iteration + 1, grid, [proj], n, r_cur, r_coarse, device)
             t_proj = min(time.perf_counter() - t, t_batch)
-        return (t_batch - t_proj) / len(sel) + t_proj / min(bs, len(ps)), res
+        return (t_batch - t_proj) / len(sel) + t_proj / max(len(sel), len(ps) // 2), res
 
     timed(st.order, 0.0, r_first)  # one-off costs
     stages = []  # (iterations, seconds per particle, extra seconds per iteration)
@@ -687,7 +692,7 @@ def _estimate(ps, maps, st: RefineState, o: Refine3dOptions, device, diameter: f
     t_rec_final = timed_reconstruction(BackProjector(n, r_max=nyq, device=device), device)
     stages.append((1, per_final, per_it + 3 * t_rec_final))
     total = sum(k * (per * len(ps) + extra) for k, per, extra in stages)
-    log.debug(f"estimate stages (iterations, s per particle, s per iteration): {stages}")
+    log.info(f"estimate stages (iterations, s per particle, s per iteration): {stages}")
     poses = len(oversampled_orientations(st.order, o.symmetry)[0]) * len(oversampled_translations(
         st.offset_range, st.offset_step)[0]) + 32 * float(np.maximum(res.n_significant, 0).mean())
     # a whole batch's fine-pass rows at Nyquist (the 32 particles timed reach few of them): up to FINE_TABLE_BYTES

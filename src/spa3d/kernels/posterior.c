@@ -11,6 +11,10 @@
  * first, ties by index) is listed. The flat index of a sample is (k * T + t) * R + r, as for an array
  * (B, K, T, R). Samples below m - cut contribute less than exp(-cut) each and are neither exponentiated nor
  * listed: `cut` is chosen by the caller so that all of them together hold a negligible part of the posterior.
+ * Only samples at or above a threshold tau are copied out for the selection: tau is the cap-th largest of the
+ * maxima of disjoint buckets (each row's LANES strided lanes), so at least `cap` samples reach it and none of
+ * the `cap` largest lies below it; a flat posterior (all 1.5 M samples of a 7.5 degree search within `cut`)
+ * no longer sends every sample through the selection.
  * Each image is handled by one thread in a fixed order, so results do not depend on the thread count.
  */
 #include <math.h>
@@ -19,6 +23,70 @@
 #include "threads.h"
 
 #define LANES 8
+
+/* eight-float vectors (GCC/Clang vector extension; unaligned loads): one AVX register, two SSE ones */
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* exp(x) of eight floats, x in [-87, 0]: x = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, as Cephes' expf),
+ * e^r by its degree-7 Taylor polynomial (relative error below 2e-7 on that interval), 2^n from the exponent bits */
+static inline __attribute__((always_inline)) v8f exp8(v8f x)
+{
+    const v8f lo = {-87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f};
+    const v8i below = (v8i)(x < lo);
+    x = (v8f)((below & (v8i)lo) | (~below & (v8i)x));
+    const v8f fx = x * 1.44269504088896341f + 0.5f;
+    v8i n = __builtin_convertvector(fx, v8i);  /* truncation: one too high where fx < 0 and not whole */
+    n -= (v8i)(__builtin_convertvector(n, v8f) > fx) & 1;
+    const v8f fn = __builtin_convertvector(n, v8f);
+    const v8f r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+    v8f p = 1.0f / 5040.0f + r * 0.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const v8i two_n = (n + 127) << 23;
+    v8f scale;
+    __builtin_memcpy(&scale, &two_n, sizeof scale);
+    return p * scale;
+}
+
+/* sum of exp(row[r] - m) over the entries row[r] >= floor_v (the others count 0), in eight float lanes added in a
+ * fixed order: the same result for any vector width */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static double row_exp_sum(const float *row, int64_t n, float m, float floor_v)
+{
+    v8f acc = {0};
+    int64_t r = 0;
+    for (; r + LANES <= n; r += LANES) {
+        const v8f v = *(const v8u *)(row + r);
+        const v8i keep = (v8i)(v >= floor_v);
+        int32_t any = 0;
+        for (int j = 0; j < LANES; j++)
+            any |= keep[j];
+        if (any)  /* most blocks of a sharp posterior lie wholly below the floor */
+            acc += (v8f)(keep & (v8i)exp8(v - m));
+    }
+    float tail[LANES] = {0};
+    for (int j = 0; r + j < n; j++)
+        tail[j] = row[r + j];
+    {
+        v8f v;
+        __builtin_memcpy(&v, tail, sizeof v);
+        const v8i in = {0, 1, 2, 3, 4, 5, 6, 7};
+        const v8i live = in < (v8i){0} + (int32_t)(n - r);
+        const v8f e = exp8(v - m);
+        acc += (v8f)((v8i)(v >= floor_v) & live & (v8i)e);
+    }
+    double z = 0.0;
+    for (int j = 0; j < LANES; j++)
+        z += (double)acc[j];
+    return z;
+}
 
 typedef struct {
     float v;
@@ -35,6 +103,36 @@ static int cmp_samples(const void *pa, const void *pb)
 {
     const sample_t *a = pa, *b = pb;
     return before(a, b) ? -1 : (before(b, a) ? 1 : 0);
+}
+
+/* the k-th largest (k >= 1) of v[0..n), n >= k; v is reordered */
+static float kth_largest(float *v, int64_t n, int64_t k)
+{
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const float pivot = v[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot)
+                i++;
+            while (pivot > v[j])
+                j--;
+            if (i <= j) {
+                const float tmp = v[i];
+                v[i] = v[j];
+                v[j] = tmp;
+                i++;
+                j--;
+            }
+        }
+        if (k - 1 <= j)
+            hi = j;
+        else if (k - 1 >= i)
+            lo = i;
+        else
+            break;
+    }
+    return v[k - 1];
 }
 
 /* move the `keep` first samples in `before` order to s[0..keep) (unordered): quickselect */
@@ -76,6 +174,7 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
     {
         sample_t *cand = malloc(sizeof(sample_t) * (size_t)n_s);
         float *row_top = malloc(sizeof(float) * (size_t)(n_k * n_t));
+        float *lane_top = malloc(sizeof(float) * (size_t)(n_k * n_t * LANES));
         #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < n_b; b++) {
             float m = -INFINITY;
@@ -104,15 +203,22 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
                         mx[0] = v > mx[0] ? v : mx[0];
                     }
                     float mt = -INFINITY;
-                    for (int j = 0; j < LANES; j++)
+                    for (int j = 0; j < LANES; j++) {
                         mt = mx[j] > mt ? mx[j] : mt;
+                        lane_top[(k * n_t + t) * LANES + j] = mx[j];
+                    }
                     row_top[k * n_t + t] = mt;
                     m = mt > m ? mt : m;
                 }
             }
-            /* sum of exp over the samples within `cut` of the maximum; those within `cut` are the candidates
-             * (rows whose maximum lies below are skipped whole) */
+            /* sum of exp over the samples within `cut` of the maximum (rows whose maximum lies below are skipped
+             * whole); the candidates: the samples at or above tau */
             const float floor_v = (float)(m - cut);
+            float tau = floor_v;
+            if (n_k * n_t * LANES >= cap) {
+                const float t_cap = kth_largest(lane_top, n_k * n_t * LANES, cap);
+                tau = t_cap > tau ? t_cap : tau;
+            }
             double z = 0.0;
             int64_t n_c = 0;
             for (int64_t k = 0; k < n_k; k++)
@@ -121,9 +227,11 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
                         continue;
                     const float *row = ll + ((k * n_b + b) * n_t + t) * n_r;
                     const int64_t base = (k * n_t + t) * n_r;
+                    z += row_exp_sum(row, n_r, m, floor_v);
+                    if (!(row_top[k * n_t + t] >= tau))
+                        continue;
                     for (int64_t r = 0; r < n_r; r++)
-                        if (row[r] >= floor_v) {
-                            z += (double)expf(row[r] - m);
+                        if (row[r] >= tau) {
                             cand[n_c].v = row[r];
                             cand[n_c].i = base + r;
                             n_c++;
@@ -149,6 +257,7 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
             count[b] = kept;
             covered[b] = cum;
         }
+        free(lane_top);
         free(row_top);
         free(cand);
     }
@@ -170,9 +279,6 @@ static void shifted(const float *x, const float *ph, int64_t n_pix, float *a)
     }
 }
 
-/* eight-float vectors (GCC/Clang vector extension; unaligned loads): one AVX register, two SSE ones */
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
 /* four dot products of length n of a0..a3 with row; element q goes to lane q % LANES */
 __attribute__((target_clones("avx512f", "avx2", "default")))
