@@ -221,10 +221,11 @@ def test_compiled_density_compensation_matches_the_torch_version(h):
     assert torch.allclose(d, e, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("sym", ["D2", "C7", "I"])
+@pytest.mark.parametrize("sym", ["D2", "O", "C7", "I"])
 def test_compiled_symmetrisation_matches_grid_sample(sym):
     """The C kernel that sums the accumulators over a point group (Friedel mates where R·k has x < 0) gives
-    grid_sample's values, for data and weights together and for weights alone."""
+    grid_sample's values, for data and weights together and for weights alone (D2 and O: operators of 0s and ±1s,
+    read directly)."""
     from spa3d.kernels import have_compiled_kernels
 
     if not have_compiled_kernels():

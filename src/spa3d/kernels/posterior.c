@@ -31,8 +31,9 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 
 /* exp(x) of eight floats, x in [-87, 0]: x = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, as Cephes' expf),
  * e^r by its degree-7 Taylor polynomial (relative error below 2e-7 on that interval), 2^n from the exponent bits */
-static inline __attribute__((always_inline)) v8f exp8(v8f x)
+static inline __attribute__((always_inline)) void exp8(const v8f *xp, v8f *out)
 {
+    v8f x = *xp;
     const v8f lo = {-87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f};
     const v8i below = (v8i)(x < lo);
     x = (v8f)((below & (v8i)lo) | (~below & (v8i)x));
@@ -52,7 +53,7 @@ static inline __attribute__((always_inline)) v8f exp8(v8f x)
     const v8i two_n = (n + 127) << 23;
     v8f scale;
     __builtin_memcpy(&scale, &two_n, sizeof scale);
-    return p * scale;
+    *out = p * scale;
 }
 
 /* sum of exp(row[r] - m) over the entries row[r] >= floor_v (the others count 0), in eight float lanes added in a
@@ -68,8 +69,12 @@ static double row_exp_sum(const float *row, int64_t n, float m, float floor_v)
         int32_t any = 0;
         for (int j = 0; j < LANES; j++)
             any |= keep[j];
-        if (any)  /* most blocks of a sharp posterior lie wholly below the floor */
-            acc += (v8f)(keep & (v8i)exp8(v - m));
+        if (any) {  /* most blocks of a sharp posterior lie wholly below the floor */
+            const v8f x = v - m;
+            v8f e;
+            exp8(&x, &e);
+            acc += (v8f)(keep & (v8i)e);
+        }
     }
     float tail[LANES] = {0};
     for (int j = 0; r + j < n; j++)
@@ -79,7 +84,9 @@ static double row_exp_sum(const float *row, int64_t n, float m, float floor_v)
         __builtin_memcpy(&v, tail, sizeof v);
         const v8i in = {0, 1, 2, 3, 4, 5, 6, 7};
         const v8i live = in < (v8i){0} + (int32_t)(n - r);
-        const v8f e = exp8(v - m);
+        const v8f x = v - m;
+        v8f e;
+        exp8(&x, &e);
         acc += (v8f)((v8i)(v >= floor_v) & live & (v8i)e);
     }
     double z = 0.0;

@@ -357,13 +357,23 @@ void backproject_half(float *acc, int64_t h, const float *rot, int64_t n_rot, co
  * mate -R.k is read and channel `imag` (the imaginary part; -1: none) changes sign. Trilinear, zero beyond the
  * grid. Only voxels with |k| <= h + 2 get the sum: every insertion lies within r_max.pad + sqrt(3) <= h, so
  * samples further out are zero; the others are copied. Each output voxel is written by one thread (deterministic).
- * rots: nops row-major 3x3 matrices, R.k with k = (x, y, z). nc <= 4. */
+ * rots: nops row-major 3x3 matrices, R.k with k = (x, y, z). nc <= 4. An operator whose entries are all 0 or +-1
+ * (D2, C2, C4, D4, O) maps grid points onto grid points: its sample is read directly, one voxel instead of eight
+ * (the same values: the other seven trilinear weights are 0). */
 void symmetrise_half(const float *in, float *out, int64_t h, int64_t nc, int64_t imag, const float *rots,
                      int64_t nops, int64_t nthreads)
 {
     const int64_t d = 2 * h + 1, w = h + 1;
     const int64_t sy = w * nc, sz = d * sy;
     const float r2max = (float)((h + 2) * (h + 2));
+    int *exact = malloc(sizeof(int) * (size_t)(nops > 0 ? nops : 1));
+    for (int64_t op = 0; op < nops; op++) {
+        exact[op] = 1;
+        for (int j = 0; j < 9; j++) {
+            const float r = rots[9 * op + j];
+            exact[op] &= r == 0.0f || r == 1.0f || r == -1.0f;
+        }
+    }
     #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t z = 0; z < d; z++) {
         const float kz = (float)(z - h);
@@ -387,6 +397,15 @@ void symmetrise_half(const float *in, float *out, int64_t h, int64_t nc, int64_t
                     const float sign = fold_friedel(&px, &py, &pz);
                     py += (float)h;
                     pz += (float)h;
+                    if (exact[op]) {  /* a grid point (px >= 0 after the fold) */
+                        const int64_t xx = (int64_t)px, yy = (int64_t)py, zz = (int64_t)pz;
+                        if (xx < w && yy >= 0 && yy < d && zz >= 0 && zz < d) {
+                            const float *p = in + zz * sz + yy * sy + xx * nc;
+                            for (int64_t c = 0; c < nc; c++)
+                                acc[c] += (imag == c ? sign : 1.0f) * p[c];
+                        }
+                        continue;
+                    }
                     const float fx0 = floorf(px), fy0 = floorf(py), fz0 = floorf(pz);
                     const int64_t x0 = (int64_t)fx0, y0 = (int64_t)fy0, z0 = (int64_t)fz0;
                     const float fx = px - fx0, fy = py - fy0, fz = pz - fz0;
@@ -422,4 +441,5 @@ void symmetrise_half(const float *in, float *out, int64_t h, int64_t nc, int64_t
             }
         }
     }
+    free(exact);
 }
