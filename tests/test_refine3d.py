@@ -258,3 +258,38 @@ def test_rescaled_reference_matches_relion_image_handler(truth_map, relion, tmp_
     assert ours.shape == theirs.shape == (56, 56, 56) and got == pytest.approx(apix, rel=1e-3)
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.99
     assert np.abs(ours.sum() / theirs.sum() - 1) < 0.05  # the same density scale
+
+
+def test_a_reference_off_the_particles_greyscale_is_scored_by_cross_correlation_first(picked, tmp_path, monkeypatch):
+    """A reference 30x too bright (a map from an atomic model, say) is caught before the first iteration, which then
+    scores by cross-correlation as --firstiter-cc; without that, the Gaussian noise model scores the reference's
+    power and the poses go wrong."""
+    import re
+
+    from spa3d.geometry.euler import euler_to_matrix
+    from spa3d.io.particles import ParticleSet
+    from spa3d.jobs import class3d
+    from spa3d.jobs.class3d import Class3dOptions, _image_mask, greyscale_ratio, load_reference
+
+    truth, apix = read_map(picked / "truth_class001.mrc")
+    write_map(tmp_path / "bright.mrc", 30 * truth, apix)
+    ps = ParticleSet(picked / "picked.star")
+    o = Class3dOptions(ctf=True, zero_mask=True)
+    mask = _image_mask(ps.box, 55 / 2)
+    on = greyscale_ratio(ps, load_reference(str(picked / "truth_class001.mrc"), ps, 50.0), mask, o, 50.0)
+    off = greyscale_ratio(ps, load_reference(str(tmp_path / "bright.mrc"), ps, 50.0), mask, o, 50.0)
+    assert on < 1.5 and off == pytest.approx(900 * on, rel=1e-3), (on, off)
+    truth_rot = euler_to_matrix(*read_star(picked / "particles_truth.star")["particles"][
+        ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float).T)
+
+    def median_error(job: str, **kw) -> float:
+        _, st = run_refine3d(str(picked / "picked.star"), str(tmp_path / "bright.mrc"), str(tmp_path / job),
+                             _opts(max_iter=5, **kw))
+        return float(np.median(orientation_changes(euler_to_matrix(*st.angles.T), truth_rot, np.eye(3)[None])))
+
+    caught = median_error("caught")
+    assert "not on their greyscale" in (tmp_path / "caught" / "run.log").read_text()
+    assert re.search(r"firstiter_cc\s+true", (tmp_path / "caught" / "run_it005_optimiser.star").read_text())
+    monkeypatch.setattr(class3d, "GREYSCALE_RATIO_MAX", float("inf"))
+    missed = median_error("missed")
+    assert caught < 10.0 and missed > 3 * caught, (caught, missed)

@@ -276,6 +276,54 @@ def initial_sigma2(ps: ParticleSet, mask: torch.Tensor, o: Class3dOptions, rng: 
     return (s / c.clamp_min(1)).numpy()
 
 
+#: a reference whose projections hold more than this many times the particles' power (shells up to the initial
+#: low-pass) cannot be on their greyscale: signal plus noise always holds more than the signal
+GREYSCALE_RATIO_MAX = 4.0
+
+
+def greyscale_ratio(ps: ParticleSet, vol: np.ndarray, mask: torch.Tensor, o, ini_high: float | None,
+                    n_sample: int = 200) -> float:
+    """Power of the (low-passed) reference's projections, with the particles' CTFs, over the power of the masked
+    particle images, in the shells 1 … box·pixel/ini_high (at least 2): about 1 or less for a reference on the
+    particles' absolute greyscale (a RELION map of these particles, the projections they were made from), far
+    above it for a map from an atomic model or another program (the Gaussian noise model then scores the
+    reference's power, not the data: sharp, wrong poses; RELION's answer is --firstiter_cc).
+
+    ``o`` holds ``ctf``, ``ctf_intact_first_peak``, ``ctf_phase_flipped``, ``zero_mask`` and ``seed``; projections
+    at random rotations (their average power equals that at the true ones), of up to ``n_sample`` particles."""
+    from scipy.spatial.transform import Rotation
+
+    n, apix = ps.box, ps.pixel_size
+    rng = np.random.default_rng([o.seed, 23])  # its own stream: the run's random numbers are unchanged
+    idx = np.sort(rng.choice(len(ps), size=min(len(ps), n_sample), replace=False))
+    x = rfft2_centered(_prepare_images(ps.read(idx), mask, o.zero_mask, rng))
+    rots = torch.as_tensor(Rotation.random(len(idx), random_state=int(rng.integers(1 << 31))).as_matrix(),
+                           dtype=torch.float32)
+    p = Projector(vol, r_max=n // 2).project(rots)
+    if o.ctf:
+        p = p * ctf_half_plane(ps.ctf_params(idx), n, apix, intact_first_peak=o.ctf_intact_first_peak,
+                               phase_flipped=o.ctf_phase_flipped).to(torch.float32)
+    ky = torch.fft.fftfreq(n) * n
+    r = torch.sqrt(ky[:, None] ** 2 + torch.arange(n // 2 + 1, dtype=torch.float32)[None, :] ** 2)
+    r_ini = max(2.0, n * apix / ini_high) if ini_high and ini_high > 0 else n / 2
+    shells = (r >= 0.5) & (r <= r_ini)
+    power_x = float((x.abs() ** 2)[:, shells].mean())
+    return float((p.abs() ** 2)[:, shells].mean()) / max(power_x, 1e-30)
+
+
+def check_greyscale(ps: ParticleSet, vol: np.ndarray, mask: torch.Tensor, o, ini_high: float | None) -> bool:
+    """True (and a warning in the log) when the reference is far off the particles' greyscale
+    (:func:`greyscale_ratio` above ``GREYSCALE_RATIO_MAX``): the caller then scores the first iteration by
+    cross-correlation, as --firstiter-cc (RELION's GUI does so unless told the map is on absolute greyscale)."""
+    ratio = greyscale_ratio(ps, vol, mask, o, ini_high)
+    if ratio <= GREYSCALE_RATIO_MAX:
+        return False
+    log.warning(f"the reference's projections hold {ratio:.3g}x the particles' power up to {ini_high or 0:g} Å: it is "
+                "not on their greyscale (a map from an atomic model or another program?); the first iteration "
+                "scores by cross-correlation, as --firstiter-cc")
+    return True
+
+
 def _batch_size(o: Class3dOptions, k_cls: int, n_coarse: int, device: torch.device) -> int:
     """Images per batch so that the coarse log-likelihoods (B·K·Tc·Rc floats, ×3 for work) fit in memory."""
     if o.batch_size:
@@ -853,6 +901,8 @@ def _set_up(star, ref, job_dir, o: Class3dOptions, continue_from, cluster):
         if ref is None:
             raise InputError(None, "--ref map.mrc is required")
         vol = load_reference(ref, ps, o.ini_high)
+        if not (o.firstiter_cc or o.skip_align) and check_greyscale(ps, vol, mask2d, o, o.ini_high):
+            o.firstiter_cc = True  # recorded with the run's options
         maps = np.repeat(vol[None].astype(np.float32), o.n_classes, axis=0)
         rng = np.random.default_rng(o.seed)
         r0 = min(n // 2, n * apix / o.ini_high) if o.ini_high and o.ini_high > 0 else n // 2

@@ -65,7 +65,7 @@ from spa3d.io.mrc import read_map, write_map
 from spa3d.io.particles import ParticleSet
 from spa3d.io.star import write_star
 from spa3d.jobs.class3d import (MIN_RESOLUTION_SHELLS, Class3dOptions, EStepChunk, EStepResult, _batch_size,
-                                _class_fsc, _combine, _groups, _image_mask, initial_sigma2, input_norm,
+                                _class_fsc, _combine, _groups, _image_mask, check_greyscale, initial_sigma2, input_norm,
                                 load_reference, model_star_blocks, norm_stats, open_particles, particles_table,
                                 random_halves, resolution_shell, run_estep, update_norm)
 from spa3d.jobs.progress import EStepRate, Progress
@@ -434,6 +434,8 @@ def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster
         if ref is None:
             raise InputError(None, "--ref map.mrc is required")
         vol = load_reference(ref, ps, o.ini_high, o.rescale_ref)
+        if not o.firstiter_cc and check_greyscale(ps, vol, mask2d, e_opts, o.ini_high):
+            o.firstiter_cc = e_opts.firstiter_cc = True  # recorded with the run's options
         maps = np.stack([vol, vol]).astype(np.float32)
         rng = np.random.default_rng(o.seed)
         r0 = min(n // 2 - 1, n * apix / o.ini_high) if o.ini_high and o.ini_high > 0 else n // 2 - 1
