@@ -441,3 +441,42 @@ def test_candidate_scores_kernel_matches_torch(monkeypatch):
     assert torch.equal(torch.isinf(fast), torch.isinf(ref)) and int(torch.isfinite(ref).sum()) == n_t * int(per.sum())
     fin = torch.isfinite(ref)
     torch.testing.assert_close(fast[fin], ref[fin], rtol=1e-4, atol=1e-3)
+
+
+def test_residual_terms_kernel_matches_torch():
+    """The compiled per-pixel sums of the noise power's cross and power terms equal the torch formulation."""
+    import pytest
+
+    from spa3d import kernels
+
+    if not kernels.have_compiled_kernels():
+        pytest.skip("compiled kernels not built (no C compiler)")
+    gen = torch.Generator().manual_seed(3)
+    u, p = 300, 131  # p not a multiple of the kernel's 64-pixel blocks
+    d = torch.complex(torch.randn(u, p, generator=gen), torch.randn(u, p, generator=gen))
+    q = torch.complex(torch.randn(u, p, generator=gen), torch.randn(u, p, generator=gen))
+    w = torch.rand(u, p, generator=gen)
+    t1, t2 = kernels.residual_terms(d, q, w)
+    torch.testing.assert_close(t1, (d.real * q.real + d.imag * q.imag).sum(0, dtype=torch.float64), rtol=1e-12,
+                               atol=1e-9)
+    torch.testing.assert_close(t2, (w * (q.real**2 + q.imag**2)).sum(0, dtype=torch.float64), rtol=1e-12, atol=1e-9)
+
+
+def test_fine_weights_kernel_matches_the_dense_product():
+    """Each table row's M-step weight summed from its pairs equals the dense (rows × images) product."""
+    import pytest
+
+    from spa3d import kernels
+    from spa3d.inference.search import add_at
+
+    if not kernels.have_compiled_kernels():
+        pytest.skip("compiled kernels not built (no C compiler)")
+    gen = torch.Generator().manual_seed(4)
+    b, p, n_u, s = 7, 53, 40, 90
+    c2 = torch.rand(b, p, generator=gen)
+    post = torch.rand(s, 4, 8, generator=gen) * (torch.rand(s, 4, 8, generator=gen) > 0.5)
+    img = torch.randint(0, b, (s,), generator=gen)
+    inv = torch.randint(0, n_u, (s, 8), generator=gen)
+    wrow = torch.zeros((b, n_u))
+    add_at(wrow, img[:, None].expand(-1, 8), inv, post.sum(1))
+    torch.testing.assert_close(kernels.fine_weights(c2, post, img, inv, n_u), wrow.T @ c2, rtol=1e-5, atol=1e-5)

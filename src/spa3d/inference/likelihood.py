@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spa3d import kernels
 from spa3d.fourier.grid import half_plane_freqs
 
 
@@ -135,9 +136,11 @@ def residual_power_terms(px: FourierPixels, images: torch.Tensor, data: torch.Te
     nsh = int(px.shell.max()) + 1
     m = px.multiplicity.double()
     f64 = torch.float64
-    terms = torch.stack([(images.real**2 + images.imag**2).sum(0, dtype=f64),
-                         (data.real * projections.real + data.imag * projections.imag).sum(0, dtype=f64),
-                         (weight * (projections.real**2 + projections.imag**2)).sum(0, dtype=f64)]) * m
+    t12 = kernels.residual_terms(data, projections, weight)  # one pass over the rows, no (U, P) temporaries
+    if t12 is None:
+        t12 = ((data.real * projections.real + data.imag * projections.imag).sum(0, dtype=f64),
+               (weight * (projections.real**2 + projections.imag**2)).sum(0, dtype=f64))
+    terms = torch.stack([(images.real**2 + images.imag**2).sum(0, dtype=f64), *t12]) * m
     return torch.zeros((3, nsh), dtype=f64, device=images.device).index_add_(1, px.shell, terms)
 
 

@@ -540,20 +540,27 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     # Σ_t p over each sample's translations, per (image, table row): the CTF² weights as one GEMM-free sum
     wrow = torch.zeros((b, n_u), dtype=torch.float32, device=dev)
     add_at(wrow, img_m[:, None].expand(-1, 8), inv_m, post_m.sum(1))
+    # rows (half, class, fine rotation) that some significant sample reached: the only ones summed and inserted;
+    # a live pair's child rotations without weight anywhere go to a spare last row, dropped
+    live = (wrow.sum(0) > 0).nonzero()[:, 0]
+    n_l = len(live)
+    row_live = torch.full((n_u,), n_l, dtype=torch.long, device=dev)
+    row_live[live] = torch.arange(n_l, device=dev)
+    inv_l = row_live[inv_m]
 
-    def accumulate(xc):  # Σ p·C·X·S per table row
-        acc = kernels.fine_accumulate(xc, phases_f, post_m, img_m, child_t_m, inv_m, n_u)
+    def accumulate(xc):  # Σ p·C·X·S per live table row
+        acc = kernels.fine_accumulate(xc, phases_f, post_m, img_m, child_t_m, inv_l, n_l + 1)
         if acc is None:
-            acc_ri = torch.zeros((n_u, 2 * n_p), dtype=torch.float32, device=dev)  # interleaved (re, im)
+            acc_ri = torch.zeros((n_l + 1, 2 * n_p), dtype=torch.float32, device=dev)  # interleaved (re, im)
             for s0 in range(0, n_m, pair_chunk):
                 s1 = min(n_m, s0 + pair_chunk)
                 ii = img_m[s0:s1]
                 pt_ = post_m[s0:s1].transpose(1, 2)  # (s, 8, 4)
                 xsc = xc[ii][:, None, :] * phases_f[child_t_m[s0:s1]]  # (s, 4, P)
-                acc_ri.index_add_(0, inv_m[s0:s1].reshape(-1),
+                acc_ri.index_add_(0, inv_l[s0:s1].reshape(-1),
                                   torch.bmm(pt_, torch.view_as_real(xsc).reshape(-1, 4, 2 * n_p)).reshape(-1, 2 * n_p))
-            acc = torch.view_as_complex(acc_ri.reshape(n_u, n_p, 2))
-        return acc
+            acc = torch.view_as_complex(acc_ri.reshape(n_l + 1, n_p, 2))
+        return acc[:n_l]
 
     acc = accumulate(xf * cf)
     # the unmasked images for the back-projection (the masked ones' sums give the noise statistics)
@@ -561,11 +568,11 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     if "res_image" in sums:
         sums["res_image"][sharp] = _image_residuals(xf, cf, p_fine, phases_f, table, table_ri, table_power, img_m,
                                                     child_t_m, inv_m, post_m, b, pair_chunk)[sharp]
-    # rows (half, class, fine rotation) that some significant sample reached: the only ones to insert
-    live = (wrow.sum(0) > 0).nonzero()[:, 0]
-    acc, acc_bp, table_l, u_dest_l, u_rot_l = acc[live], acc_bp[live], table[live], u_dest[live], u_rot[live]
-    acc_w = wrow[:, live].T @ c2  # (U', P)
-    sums["flops"] += n_m * (24.0 + 128.0) * n_p + 2.0 * len(live) * b * n_p  # Σ p·C·X·S per row; Σ p·C² GEMM
+    table_l, u_dest_l, u_rot_l = table[live], u_dest[live], u_rot[live]
+    acc_w = kernels.fine_weights(c2, post_m, img_m, inv_l, n_l + 1)  # (U', P) from the pairs alone
+    w_flops = 2.0 * n_m * 8 * n_p if acc_w is not None else 2.0 * n_l * b * n_p
+    acc_w = wrow[:, live].T @ c2 if acc_w is None else acc_w[:n_l]
+    sums["flops"] += n_m * (24.0 + 128.0) * n_p + w_flops  # Σ p·C·X·S per row; Σ p·C²
     # the noise power's statistics: residuals of every significant sample, weighted by its posterior
     sums["res_terms"] += residual_power_terms(p_fine, xf[sharp], acc, acc_w, table_l)
     if backprojectors is not None:

@@ -46,7 +46,7 @@ def _load():
             p = here / f"_trilinear{suffix}"
             if p.exists():
                 lib = ctypes.CDLL(str(p))
-                if not hasattr(lib, "symmetrise_half"):  # a library built from an older source
+                if not hasattr(lib, "fine_weights"):  # a library built from an older source
                     continue
                 lib.trilinear_scatter_grid.restype = None
                 lib.trilinear_scatter_grid.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -81,6 +81,11 @@ def _load():
                 lib.coarse_significant.restype = None
                 lib.coarse_significant.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [
                     ctypes.c_double, ctypes.c_int64, ctypes.c_double] + [ctypes.c_void_p] * 6 + [ctypes.c_int64]
+                lib.fine_weights.restype = None
+                lib.fine_weights.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64]
+                lib.residual_terms.restype = None
+                lib.residual_terms.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [
+                    ctypes.c_int64]
                 _LIB = lib
                 break
     return _LIB
@@ -280,6 +285,37 @@ def pair_power(a: torch.Tensor, table_power: torch.Tensor, img: torch.Tensor, in
     _LIB.pair_power(a_.data_ptr(), tp.data_ptr(), im.data_ptr(), iv.data_ptr(), len(im), a_.shape[1], out.data_ptr(),
                     torch.get_num_threads())
     return out
+
+
+def fine_weights(c2: torch.Tensor, post: torch.Tensor, img: torch.Tensor, inv: torch.Tensor,
+                 n_rows: int) -> torch.Tensor | None:
+    """(U, P) float32 sums acc[inv[s, m]] += (Σ_j post[s, j, m])·c2[img[s]] (c2 real (B, P), post (S, 4, 8)): each
+    table row's M-step weight from its pairs alone; None if not run."""
+    if not _load() or any(t.device.type != "cpu" for t in (c2, post, img, inv)):
+        return None
+    c = c2.to(torch.float32).contiguous()
+    p = post.to(torch.float32).contiguous()
+    im, iv = img.to(torch.int64).contiguous(), inv.to(torch.int64).contiguous()
+    acc = torch.zeros((n_rows, c.shape[1]), dtype=torch.float32)
+    _LIB.fine_weights(c.data_ptr(), p.data_ptr(), im.data_ptr(), iv.data_ptr(), len(im), c.shape[1], acc.data_ptr(),
+                      torch.get_num_threads())
+    return acc
+
+
+def residual_terms(data: torch.Tensor, projections: torch.Tensor, weight: torch.Tensor):
+    """(t1, t2) float64 (P,): Σ_u Re data·conj(projections) and Σ_u weight·|projections|² over the rows of (U, P)
+    complex data and projections and real weight (``likelihood.residual_power_terms``); None if not run."""
+    if not _load() or any(t.device.type != "cpu" for t in (data, projections, weight)):
+        return None
+    d = torch.view_as_real(data.to(torch.complex64).contiguous()).contiguous()
+    q = torch.view_as_real(projections.to(torch.complex64).contiguous()).contiguous()
+    w = weight.to(torch.float32).contiguous()
+    n_u, n_pix = w.shape
+    t1 = torch.empty(n_pix, dtype=torch.float64)
+    t2 = torch.empty(n_pix, dtype=torch.float64)
+    _LIB.residual_terms(d.data_ptr(), q.data_ptr(), w.data_ptr(), n_u, n_pix, t1.data_ptr(), t2.data_ptr(),
+                        torch.get_num_threads())
+    return t1, t2
 
 
 def fine_accumulate(x: torch.Tensor, phases: torch.Tensor, post: torch.Tensor, img: torch.Tensor,

@@ -399,3 +399,59 @@ void fine_accumulate(const float *x, const float *phases, const float *post, con
         free(a);
     }
 }
+
+/* residual_terms: per pixel p, t1[p] = sum_u Re data[u][p] conj(proj[u][p]) and t2[p] = sum_u weight[u][p] |proj[u][p]|^2
+ * (the noise power's cross and power terms over the fine pass's table rows u; interleaved complex data and proj,
+ * real weight, (n_u, n_pix) row-major). Each product in float as the torch formulation, summed over u in double in
+ * row order; each thread owns a block of pixels, so results do not depend on the thread count. */
+#define RES_BLOCK 64
+void residual_terms(const float *data, const float *proj, const float *weight, int64_t n_u, int64_t n_pix,
+                    double *t1, double *t2, int64_t nthreads)
+{
+    const int64_t n_blocks = (n_pix + RES_BLOCK - 1) / RES_BLOCK;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t blk = 0; blk < n_blocks; blk++) {
+        const int64_t p0 = blk * RES_BLOCK, p1 = p0 + RES_BLOCK < n_pix ? p0 + RES_BLOCK : n_pix, np = p1 - p0;
+        double s1[RES_BLOCK] = {0}, s2[RES_BLOCK] = {0};
+        for (int64_t u = 0; u < n_u; u++) {
+            const float *d = data + 2 * (u * n_pix + p0), *q = proj + 2 * (u * n_pix + p0), *w = weight + u * n_pix + p0;
+            for (int64_t j = 0; j < np; j++) {
+                const float re = q[2 * j], im = q[2 * j + 1];
+                s1[j] += (double)(d[2 * j] * re + d[2 * j + 1] * im);
+                s2[j] += (double)(w[j] * (re * re + im * im));
+            }
+        }
+        for (int64_t j = 0; j < np; j++) {
+            t1[p0 + j] = s1[j];
+            t2[p0 + j] = s2[j];
+        }
+    }
+}
+
+/* fine_weights: acc[inv[s][m]] += (sum_j post[s][j][m]) * c2[img[s]] for every pair in order (c2 = C^2, real, n_pix
+ * per image: the M-step's weights of each table row, without the dense (rows x images) product). Rows owned by
+ * threads as in fine_accumulate. */
+void fine_weights(const float *c2, const float *post, const int64_t *img, const int64_t *inv, int64_t n_pairs,
+                  int64_t n_pix, float *acc, int64_t nthreads)
+{
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int64_t me, nt;
+        thread_slot(&me, &nt);
+        for (int64_t s = 0; s < n_pairs; s++) {
+            const float *ps = post + s * 32;
+            const float *row = c2 + img[s] * n_pix;
+            for (int m = 0; m < 8; m++) {
+                const int64_t u = inv[8 * s + m];
+                if (u % nt != me)
+                    continue;
+                const float w = ps[m] + ps[8 + m] + ps[16 + m] + ps[24 + m];
+                if (w == 0.0f)
+                    continue;
+                float *a = acc + u * n_pix;
+                for (int64_t q = 0; q < n_pix; q++)
+                    a[q] += w * row[q];
+            }
+        }
+    }
+}
