@@ -312,13 +312,13 @@ def greyscale_ratio(ps: ParticleSet, vol: np.ndarray, mask: torch.Tensor, o, ini
 
 
 def check_greyscale(ps: ParticleSet, vol: np.ndarray, mask: torch.Tensor, o, ini_high: float | None) -> bool:
-    """True (and a warning in the log) when the reference is far off the particles' greyscale
+    """True (and a line in the log) when the reference is far off the particles' greyscale
     (:func:`greyscale_ratio` above ``GREYSCALE_RATIO_MAX``): the caller then scores the first iteration by
     cross-correlation, as --firstiter-cc (RELION's GUI does so unless told the map is on absolute greyscale)."""
     ratio = greyscale_ratio(ps, vol, mask, o, ini_high)
     if ratio <= GREYSCALE_RATIO_MAX:
         return False
-    log.warning(f"the reference's projections hold {ratio:.3g}x the particles' power up to {ini_high or 0:g} Å: it is "
+    log.info(f"the reference's projections hold {ratio:.3g}x the particles' power up to {ini_high or 0:g} Å: it is "
                 "not on their greyscale (a map from an atomic model or another program?); the first iteration "
                 "scores by cross-correlation, as --firstiter-cc")
     return True
