@@ -70,9 +70,16 @@ def log_likelihoods(images: torch.Tensor, ctf: torch.Tensor | None, weights: tor
     a_ri = torch.cat([a.real, a.imag], dim=1)  # (BT, 2P)
     p_ri = torch.cat([projections.real, projections.imag], dim=1)  # (R, 2P)
     cross = (a_ri @ p_ri.T).reshape(b, t, -1)  # Re Σ conj(wCXS)·P  = Σ (a_r p_r + a_i p_i)
-    power = (c * c * weights) @ (projections.real**2 + projections.imag**2).T  # (B, R)
+    power = (c * c * weights) @ abs2(projections).T  # (B, R)
     norm_x = ((images.real**2 + images.imag**2) * weights).sum(1)  # (B,)
     return -0.5 * (norm_x[:, None, None] - 2 * cross + power[:, None, :])
+
+
+def abs2(z: torch.Tensor) -> torch.Tensor:
+    """|z|² of a complex tensor, real, in one pass (re², then += im²): ``z.real**2 + z.imag**2`` makes two more
+    temporaries of its size (a fine pass's table of 60,000 × 900 pixels: 0.22–0.43 s against 0.10 s)."""
+    r = torch.view_as_real(z)
+    return r[..., 0].square().addcmul_(r[..., 1], r[..., 1])
 
 
 def reference_terms(projections: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -81,7 +88,7 @@ def reference_terms(projections: list[torch.Tensor]) -> list[tuple[torch.Tensor,
     out = []
     for proj in projections:
         proj = proj.to(torch.complex64).contiguous()
-        out.append((torch.view_as_real(proj).reshape(proj.shape[0], -1), proj.real**2 + proj.imag**2))
+        out.append((torch.view_as_real(proj).reshape(proj.shape[0], -1), abs2(proj)))
     return out
 
 

@@ -44,7 +44,7 @@ from scipy.spatial.transform import Rotation
 from spa3d import kernels
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.fourier.projector import Projector
-from spa3d.inference.likelihood import FourierPixels, residual_power
+from spa3d.inference.likelihood import FourierPixels, abs2, residual_power
 from spa3d.inference.search import (GPU_CHUNK_BYTES, BatchResult, SearchGrid, _coarse_posterior, _fine_pass,
                                     _pixel_weights, batch_outputs, batch_result, search_batch, significant_samples)
 
@@ -214,7 +214,7 @@ def _coarse_scores(xs: torch.Tensor, cs: torch.Tensor, w: torch.Tensor, phases: 
         t4 = torch.arange(n_q, device=dev).repeat(len(r_img))[:, None] * 4 + torch.arange(4, device=dev)
         child_t = t4.clamp_max(n_t - 1)
         xw = xs * (cs * w)
-        power = kernels.pair_power(cs * cs * w, refs_all.real**2 + refs_all.imag**2, r_img, inv)  # (R, 8)
+        power = kernels.pair_power(cs * cs * w, abs2(refs_all), r_img, inv)  # (R, 8)
         cross = kernels.fine_cross(xw, phases, refs_all, r_img[s_row], child_t, inv[s_row])  # (S, 4, 8)
         img_s = r_img[s_row]
         part = (cross - 0.5 * power[s_row][:, None, :] - 0.5 * norm_x[img_s][:, None, None]

@@ -33,7 +33,7 @@ from spa3d import kernels
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.fourier.projector import Projector
-from spa3d.inference.likelihood import (FourierPixels, coarse_terms, reference_terms, residual_power,
+from spa3d.inference.likelihood import (FourierPixels, abs2, coarse_terms, reference_terms, residual_power,
                                         residual_power_terms)
 
 
@@ -439,7 +439,7 @@ def _fine_pass(img, flat, b, sharp, x_full, ctf_full, old_offsets, grid, project
     scores = torch.empty((n_pairs, 4, 8), dtype=torch.float32, device=dev)
     norm_x = ((xf.real**2 + xf.imag**2) * wf).sum(1)  # (B,)
     # Σ_p C²w|P|² of every sample's 8 child rotations (S, 8)
-    table_power = table.real**2 + table.imag**2  # (U, P)
+    table_power = abs2(table)  # (U, P)
     power_pairs, power_flops = _pair_power(cf * cf * wf, table_power, img, inv)
     # interleaved (re, im) real views: one real batched product gives Re Σ conj(a)·P without copies
     table_ri = torch.view_as_real(table).reshape(len(table), -1)  # (U, 2P)
@@ -718,5 +718,5 @@ def _cc_scores(images, ctf, weights, projections, phases):
     x = images[:, None, :] * phases[None]
     a = (x * (ctf * weights)[:, None, :]).reshape(b * t, p)
     cross = (torch.cat([a.real, a.imag], 1) @ torch.cat([projections.real, projections.imag], 1).T).reshape(b, t, -1)
-    power = (ctf * ctf * weights) @ (projections.real**2 + projections.imag**2).T  # (B, R)
+    power = (ctf * ctf * weights) @ abs2(projections).T  # (B, R)
     return cross / power.clamp_min(1e-30).sqrt()[:, None, :]
