@@ -112,36 +112,6 @@ static int cmp_samples(const void *pa, const void *pb)
     return before(a, b) ? -1 : (before(b, a) ? 1 : 0);
 }
 
-/* the k-th largest (k >= 1) of v[0..n), n >= k; v is reordered */
-static float kth_largest(float *v, int64_t n, int64_t k)
-{
-    int64_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        const float pivot = v[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (v[i] > pivot)
-                i++;
-            while (pivot > v[j])
-                j--;
-            if (i <= j) {
-                const float tmp = v[i];
-                v[i] = v[j];
-                v[j] = tmp;
-                i++;
-                j--;
-            }
-        }
-        if (k - 1 <= j)
-            hi = j;
-        else if (k - 1 >= i)
-            lo = i;
-        else
-            break;
-    }
-    return v[k - 1];
-}
-
 /* move the `keep` first samples in `before` order to s[0..keep) (unordered): quickselect */
 static void select_first(sample_t *s, int64_t n, int64_t keep)
 {
@@ -182,6 +152,7 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
         sample_t *cand = malloc(sizeof(sample_t) * (size_t)n_s);
         float *row_top = malloc(sizeof(float) * (size_t)(n_k * n_t));
         float *lane_top = malloc(sizeof(float) * (size_t)(n_k * n_t * LANES));
+        sample_t *lanes = malloc(sizeof(sample_t) * (size_t)(n_k * n_t * LANES));
         #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < n_b; b++) {
             float m = -INFINITY;
@@ -222,8 +193,15 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
              * whole); the candidates: the samples at or above tau */
             const float floor_v = (float)(m - cut);
             float tau = floor_v;
-            if (n_k * n_t * LANES >= cap) {
-                const float t_cap = kth_largest(lane_top, n_k * n_t * LANES, cap);
+            if (n_k * n_t * LANES >= cap) {  /* the cap-th largest lane maximum: the least of the cap first */
+                for (int64_t j = 0; j < n_k * n_t * LANES; j++) {
+                    lanes[j].v = lane_top[j];
+                    lanes[j].i = j;
+                }
+                select_first(lanes, n_k * n_t * LANES, cap);
+                float t_cap = lanes[0].v;
+                for (int64_t j = 1; j < cap; j++)
+                    t_cap = lanes[j].v < t_cap ? lanes[j].v : t_cap;
                 tau = t_cap > tau ? t_cap : tau;
             }
             double z = 0.0;
@@ -264,6 +242,7 @@ void coarse_significant(float *ll, const float *half_power, const float *row_con
             count[b] = kept;
             covered[b] = cum;
         }
+        free(lanes);
         free(lane_top);
         free(row_top);
         free(cand);
