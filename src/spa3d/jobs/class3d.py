@@ -319,8 +319,8 @@ def check_greyscale(ps: ParticleSet, vol: np.ndarray, mask: torch.Tensor, o, ini
     if ratio <= GREYSCALE_RATIO_MAX:
         return False
     log.info(f"the reference's projections hold {ratio:.3g}x the particles' power up to {ini_high or 0:g} Å: it is "
-                "not on their greyscale (a map from an atomic model or another program?); the first iteration "
-                "scores by cross-correlation, as --firstiter-cc")
+             "not on their greyscale (a map from an atomic model or another program?); the first iteration "
+             "scores by cross-correlation, as --firstiter-cc")
     return True
 
 
