@@ -299,13 +299,14 @@ def greyscale_ratio(ps: ParticleSet, vol: np.ndarray, mask: torch.Tensor, o, ini
     x = rfft2_centered(_prepare_images(ps.read(idx), mask, o.zero_mask, rng))
     rots = torch.as_tensor(Rotation.random(len(idx), random_state=int(rng.integers(1 << 31))).as_matrix(),
                            dtype=torch.float32)
-    p = Projector(vol, r_max=n // 2).project(rots)
+    r_ini = max(2.0, n * apix / ini_high) if ini_high and ini_high > 0 else n / 2
+    # unpadded, to r_ini: a few low shells need no finer interpolation (box 256: 5.3 s and 1.7 GB with pad 2)
+    p = Projector(vol, pad=1, r_max=min(n // 2, r_ini + 2)).project(rots)
     if o.ctf:
         p = p * ctf_half_plane(ps.ctf_params(idx), n, apix, intact_first_peak=o.ctf_intact_first_peak,
                                phase_flipped=o.ctf_phase_flipped).to(torch.float32)
     ky = torch.fft.fftfreq(n) * n
     r = torch.sqrt(ky[:, None] ** 2 + torch.arange(n // 2 + 1, dtype=torch.float32)[None, :] ** 2)
-    r_ini = max(2.0, n * apix / ini_high) if ini_high and ini_high > 0 else n / 2
     shells = (r >= 0.5) & (r <= r_ini)
     power_x = float((x.abs() ** 2)[:, shells].mean())
     return float((p.abs() ** 2)[:, shells].mean()) / max(power_x, 1e-30)
