@@ -62,12 +62,17 @@ def phase_shift_2d(n: int, shifts_px: torch.Tensor) -> torch.Tensor:
     return ex * ey
 
 
-def shift_half_plane(ft: torch.Tensor, shifts_px) -> torch.Tensor:
+def shift_half_plane(ft: torch.Tensor, shifts_px, inplace: bool = False) -> torch.Tensor:
     """Half-plane FTs (B, n, n//2+1) moved by ``shifts_px`` (B, 2) = (x, y) pixels: ``ft · phase_shift_2d``.
 
     The factors are formed in float64 per row and column (the shift is separable) and applied in ``ft``'s
-    precision, which is 2n instead of n²/2 complex exponentials per image.
+    precision, which is 2n instead of n²/2 complex exponentials per image. ``inplace``: ``ft`` is overwritten
+    (and returned). A shift by n/2 on both axes is what :func:`rfft2_centered`'s ifftshift does to the
+    transform, so ``shift_half_plane(torch.fft.rfft2(x), s - n/2)`` equals
+    ``shift_half_plane(rfft2_centered(x), s)`` without the shifted copy of the images.
     """
     s = torch.as_tensor(shifts_px, device=ft.device, dtype=torch.float64)
     ex, ey = _shift_factors(ft.shape[-2], s)
+    if inplace:
+        return ft.mul_(ex.to(ft.dtype)).mul_(ey.to(ft.dtype))
     return ft * ex.to(ft.dtype) * ey.to(ft.dtype)

@@ -19,7 +19,7 @@ from spa3d.backend.device import select_device
 from spa3d.errors import InputError
 from spa3d.fourier.backprojector import BackProjector
 from spa3d.fourier.ctf import ctf_half_plane
-from spa3d.fourier.grid import rfft2_centered, shift_half_plane
+from spa3d.fourier.grid import shift_half_plane
 from spa3d.geometry.euler import euler_to_matrix
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.io.mrc import write_map
@@ -70,15 +70,14 @@ def backproject_particles(particles: ParticleSet, indices: np.ndarray, opts: Rec
     bp = BackProjector(n, pad=opts.pad, r_max=r_max, device=device)
     for batch in particles.batches(opts.batch_size or batch_size_for(n, device), indices, with_ctf=opts.ctf):
         imgs = torch.as_tensor(batch.images, device=device)
-        ft = rfft2_centered(imgs)
-        # shifting the image by +origin centres the particle
-        ft = shift_half_plane(ft, batch.origins_px)
+        # shifting the image by +origin centres the particle; the shift by −n/2 is rfft2_centered's ifftshift
+        ft = shift_half_plane(torch.fft.rfft2(imgs), np.asarray(batch.origins_px) - n // 2, inplace=True)
         weights = None
         if opts.ctf:
             c = ctf_half_plane(batch.ctf, n, apix, device=device, intact_first_peak=opts.ctf_intact_first_peak,
                                phase_flipped=opts.ctf_phase_flipped)
-            ft = ft * c
-            weights = c * c
+            ft.mul_(c)
+            weights = c.mul_(c)
         rot = torch.as_tensor(euler_to_matrix(*batch.angles.T), device=device, dtype=torch.float32)
         bp.insert(ft, rot, weights)
         if progress:
