@@ -28,7 +28,7 @@ a pixel of error lowers the FSC at box 128 from about shell 30 on.
 
     python benchmarks/refine3d_vs_relion.py [--n 2000] [--snr 0.05] [--protein d2] [--box 128 --angpix 1.5]
         [--noise-spectrum real_micrograph.mrc] [--workdir DIR] [--reuse-relion] [--skip-relion] [--reuse-spa3d]
-        [--unmasked-reconstruction] [--no-prepass]
+        [--unmasked-reconstruction | --masked-reconstruction] [--no-prepass]
 
 ``--noise-spectrum`` makes the particles with ``spa3d simulate`` instead:
 noise with the spectrum of a real micrograph (e.g. tests/test_data/
@@ -72,7 +72,8 @@ def spa3d_cmd(a, out: str) -> list[str]:
             "--ini-high", "50", "--ctf", "--particle-diameter", str(a.diameter), "--flatten-solvent", "--zero-mask",
             "--angular-sampling", "7.5", "--auto-local-healpix-order", "4", "--offset-range", "5", "--offset-step", "2",
             "--sym", a.sym, "--seed", str(a.seed), "--quiet"] + (
-        ["--unmasked-reconstruction"] if a.unmasked_reconstruction else []) + (["--no-prepass"] if a.no_prepass else [])
+        ["--unmasked-reconstruction"] if a.unmasked_reconstruction else []) + (
+        ["--masked-reconstruction"] if a.masked_reconstruction else []) + (["--no-prepass"] if a.no_prepass else [])
 
 
 def score(job: Path, truth, apix: float, relion: bool):
@@ -122,6 +123,8 @@ def main() -> None:
                     "searches, as RELION (default: a 7.5° pre-pass first)")
     ap.add_argument("--unmasked-reconstruction", action="store_true", help="spa3d back-projects the unmasked images "
                     "(RELION's way; refine3d's option)")
+    ap.add_argument("--masked-reconstruction", action="store_true", help="spa3d back-projects the masked images at "
+                    "every frequency (refine3d's option)")
     ap.add_argument("--skip-relion", action="store_true")
     ap.add_argument("--reuse-relion", action="store_true")
     ap.add_argument("--reuse-spa3d", action="store_true", help="score spa3d's finished run in the working directory "

@@ -293,3 +293,32 @@ def test_a_reference_off_the_particles_greyscale_is_scored_by_cross_correlation_
     monkeypatch.setattr(class3d, "GREYSCALE_RATIO_MAX", float("inf"))
     missed = median_error("missed")
     assert caught < 10.0 and missed > 3 * caught, (caught, missed)
+
+
+def test_reconstruction_images_switch_to_unmasked_where_the_ctf_moves_signal_beyond_the_mask():
+    """Default refine3d back-projection: masked transforms below k0 = radius / (λ·Δf), unmasked beyond (per image)."""
+    import torch
+
+    from spa3d.fourier.ctf import CtfParams, wavelength_angstrom
+    from spa3d.fourier.grid import half_plane_radius, rfft2_centered
+    from spa3d.jobs.class3d import split_reconstruction_images
+
+    rng = np.random.default_rng(0)
+    n, apix, radius = 64, 2.0, 55.0
+    imgs = rng.normal(size=(2, n, n)).astype(np.float32)
+    masked = rfft2_centered(torch.as_tensor(imgs * (np.hypot(*np.mgrid[-32:32, -32:32]) < 20)))
+    defocus = np.array([10000.0, 30000.0])
+    ctf = CtfParams(defocus, defocus, np.zeros(2), np.full(2, 300.0), np.full(2, 2.7), np.full(2, 0.1), np.zeros(2),
+                    np.ones(2), np.zeros(2))
+    out = split_reconstruction_images(masked, imgs, ctf, apix, radius)
+    unmasked = rfft2_centered(torch.as_tensor(imgs))
+    k = half_plane_radius(n) / (n * apix)
+    for i, df in enumerate(defocus):
+        k0 = radius / (float(wavelength_angstrom(300.0)) * df)  # 1/Å: 0.28 (beyond Nyquist, 0.25) and 0.093
+        low = k < k0
+        assert torch.equal(out[i][low], masked[i][low]) and torch.equal(out[i][~low], unmasked[i][~low])
+    assert (k >= radius / (float(wavelength_angstrom(300.0)) * 30000.0)).float().mean() > 0.3
+    # close to focus (δ = λ·Δf·k below the radius everywhere in the box): the masked images alone
+    near = CtfParams(np.full(2, 5000.0), np.full(2, 5000.0), np.zeros(2), np.full(2, 300.0), np.full(2, 2.7),
+                     np.full(2, 0.1), np.zeros(2), np.ones(2), np.zeros(2))
+    assert split_reconstruction_images(masked, imgs, near, apix, radius) is None

@@ -44,9 +44,9 @@ import torch
 from spa3d.backend.device import free_memory_bytes
 from spa3d.errors import InputError
 from spa3d.fourier.backprojector import BackProjector, half_map_fsc
-from spa3d.fourier.ctf import ctf_half_plane
+from spa3d.fourier.ctf import ctf_half_plane, wavelength_angstrom
 from spa3d.fourier.filters import lowpass, power_spectrum, relion_power, soft_sphere
-from spa3d.fourier.grid import rfft2_centered, shift_half_plane
+from spa3d.fourier.grid import half_plane_radius, rfft2_centered, shift_half_plane
 from spa3d.fourier.projector import Projector
 from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations, psi_angles
@@ -553,6 +553,9 @@ class EStepChunk:
     pdf_direction: np.ndarray | None = None  # (K, D) RELION's prior of (class, direction) at ``order``; None: none
     norm_factor: np.ndarray | None = None  # (B,) each image's scale avg_norm / norm (RELION's --norm); None: none
     unmasked_recon: bool = False  # back-project the unmasked images (refine3d; see estep_chunk)
+    # > 0 (Å, refine3d): back-project the unmasked images at the frequencies whose CTF delocalisation exceeds
+    # this radius, the masked ones below (see estep_chunk)
+    recon_split_radius: float = 0.0
 
 
 @dataclass
@@ -633,6 +636,30 @@ def chunk_prepass(o: Class3dOptions, order: int, iteration: int, grid: SearchGri
                         PREPASS_REACH * angular_step(order - 1), o.prepass_max_rotations)
 
 
+def split_reconstruction_images(x_masked: torch.Tensor, imgs: np.ndarray, ctf, apix: float,
+                                radius: float) -> torch.Tensor | None:
+    """The transforms to back-project: the masked images' (``x_masked``, (B, n, n//2+1)) at frequencies k (1/Å)
+    whose CTF delocalisation λ·Δf·k (Å; Δf the mean defocus) is below ``radius`` (Å, the mask's), the unmasked
+    images' (``imgs``, (B, n, n)) beyond; None where no frequency of the box reaches it (then the masked ones).
+
+    The CTF moves the signal of frequency k by λ·Δf·k from where it lies in the particle (the gradient of
+    γ = π·λ·Δf·k² over 2π), so beyond that frequency a mask of the particle's size cuts away part of the
+    particle's own signal, while below it the mask only removes neighbours and noise. Measured (docs/conventions.md):
+    as good as the unmasked images near Nyquist on isolated particles and as the masked ones on crowded micrographs.
+    """
+    n = imgs.shape[-1]
+    dev = x_masked.device
+    defocus = 0.5 * (np.asarray(ctf.defocus_u, dtype=np.float64) + np.asarray(ctf.defocus_v, dtype=np.float64))
+    k0 = radius / np.maximum(wavelength_angstrom(ctf.voltage) * np.abs(defocus), 1e-6)  # 1/Å
+    k_max = np.sqrt(2) * 0.5 / apix
+    if np.all(k0 >= k_max):
+        return None
+    kr = half_plane_radius(n, device=dev) / (n * apix)
+    beyond = kr[None] >= torch.as_tensor(k0, dtype=torch.float32, device=dev)[:, None, None]
+    x_unmasked = rfft2_centered(torch.as_tensor(imgs, dtype=torch.float32)).to(dev)
+    return torch.where(beyond, x_unmasked, x_masked)
+
+
 def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult:
     """E-step of one chunk of particles and their M-step sums (see :class:`EStepChunk`)."""
     o = ch.options
@@ -687,6 +714,8 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
         # (exp_Fimg_nomask). Not in classification: there τ² comes from the maps' power, which the noise outside
         # the mask inflates (test_class3d's mixture: ARI 0.75 with the unmasked images, above 0.9 with the masked)
         x_rec = rfft2_centered(torch.as_tensor(imgs, dtype=torch.float32)).to(device) if ch.unmasked_recon else None
+        if x_rec is None and ch.recon_split_radius > 0 and o.ctf:
+            x_rec = split_reconstruction_images(x, imgs, ps.ctf_params(idx), apix, ch.recon_split_radius)
         if norm:
             f = torch.as_tensor(ch.norm_factor[sl], dtype=torch.float32, device=device)[:, None, None]
             x = x * f

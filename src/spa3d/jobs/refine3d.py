@@ -97,9 +97,12 @@ class Refine3dOptions:
     low_resol_join_halves: float = 40.0  # Å; the halves share their sums below this resolution (0: never)
     estimate: bool = True  # log the expected wall time and memory first (a short calibration)
     align_halves: bool = True  # bring a half set that settled in the other hand or frame onto the first (not RELION's)
-    # back-project the unmasked images, as RELION (exp_Fimg_nomask); off: the masked images that the E-step scores
-    # (measured better on particles extracted from crowded micrographs, worse on isolated ones: docs/conventions.md)
+    # which images are back-projected (docs/conventions.md). Default: the masked images that the E-step scores at
+    # frequencies whose CTF delocalisation stays inside the mask, the unmasked ones beyond (not RELION's; with
+    # CTF correction only); unmasked_reconstruction: the unmasked ones everywhere, as RELION (exp_Fimg_nomask);
+    # masked_reconstruction: the masked ones everywhere
     unmasked_reconstruction: bool = False
+    masked_reconstruction: bool = False
     # global searches at this HEALPix order or finer (3: 3.75°) go through a pre-pass one order coarser and score
     # only the rotations near its significant samples (inference.pruned_search; not RELION's); 0: never
     prepass_from_order: int = 3
@@ -595,7 +598,9 @@ def _chunk_maker(ps, half_map, st, it, bs, o, e_opts, r_cur, r_coarse, hard, rad
                           scale_all[sel], groups[sel], n_groups, np.full(len(sel), -1), None, e_opts, st.order,
                           r_cur, r_coarse, hard, radius_px, dev, threads,
                           norm_factor=None if st.norm is None else st.avg_norm / st.norm[sel],
-                          unmasked_recon=o.unmasked_reconstruction)
+                          unmasked_recon=o.unmasked_reconstruction,
+                          recon_split_radius=0.0 if o.unmasked_reconstruction or o.masked_reconstruction
+                          else radius_px * ps.pixel_size)
 
     return chunk
 
@@ -853,6 +858,7 @@ CLI_OPTIONS = {"angular_sampling": "healpix_order", "healpix_order": "healpix_or
                "tau2_fudge": "tau2_fudge",
                "max_iter": "max_iter", "low_resol_join_halves": "low_resol_join_halves",
                "no_align_halves": "align_halves", "unmasked_reconstruction": "unmasked_reconstruction",
+               "masked_reconstruction": "masked_reconstruction",
                "no_prepass": "prepass_from_order",
                "batch_size": "batch_size", "seed": "seed", "device": "device",
                "threads": "threads", "workers": "workers", "dask_scheduler": "dask_scheduler", "dry_run": "dry_run"}
@@ -875,9 +881,13 @@ def add_args(p) -> None:
                    help="the half sets share their maps below this resolution in Å (RELION's GUI: 40; 0: never)")
     p.add_argument("--no-align-halves", action="store_true",
                    help="never turn a half set that settled in the other hand or frame onto the first (RELION's way)")
-    p.add_argument("--unmasked-reconstruction", action="store_true",
-                   help="back-project the particles without the mask that the E-step applies (RELION's way: better "
-                   "for isolated particles, worse for particles extracted from crowded micrographs; docs/conventions.md)")
+    rec = p.add_mutually_exclusive_group()
+    rec.add_argument("--unmasked-reconstruction", action="store_true",
+                     help="back-project the particles without the mask that the E-step applies at every frequency "
+                     "(RELION's way; default: the masked particles up to the frequency whose CTF delocalisation "
+                     "reaches the mask's radius, the unmasked ones beyond; docs/conventions.md)")
+    rec.add_argument("--masked-reconstruction", action="store_true",
+                     help="back-project the masked particles at every frequency")
     p.add_argument("--no-prepass", action="store_true",
                    help="score the whole 3.75° grid in the global searches, as RELION, instead of first scoring the "
                    "7.5° grid and then only the rotations near its likely ones (docs/design.md)")
@@ -893,6 +903,7 @@ def main(a) -> None:
                         rescale_ref=a.rescale_ref, tau2_fudge=a.tau2_fudge, max_iter=a.max_iter,
                         low_resol_join_halves=a.low_resol_join_halves, align_halves=not a.no_align_halves,
                         unmasked_reconstruction=a.unmasked_reconstruction,
+                        masked_reconstruction=a.masked_reconstruction,
                         prepass_from_order=0 if a.no_prepass else 3, **ml_option_values(a))
     start_log(a)
     run_refine3d(a.i, a.ref, a.o, o, continue_from=a.continue_from, given=given_options(a, CLI_OPTIONS))

@@ -278,17 +278,31 @@ void sample_half(const float *cube, int64_t h, const float *coords, int64_t m, f
 }
 
 /* project_half: central slices out[r][p] = the cube at A_r^T (kx_p, ky_p, 0), kxy[p] = (kx, ky) in padded
- * voxels, rot[r] a row-major 3x3 matrix. Threads split the rotations. */
+ * voxels, rot[r] a row-major 3x3 matrix. Threads split blocks of PROJ_ROT_BLOCK rotations; within a block the
+ * pixels go in runs of PROJ_PIX_BLOCK, each run through every rotation of the block. Rotations that lie close
+ * together (a local search's, a chunk's neighbours on the grid) then read the same small part of the cube
+ * while it is in cache, rather than sweeping the whole slice once per rotation: 19 -> ns per sample for 300
+ * rotations within a few degrees at box 128 (the cube, 68 MB, does not fit any cache). */
+#define PROJ_ROT_BLOCK 32
+#define PROJ_PIX_BLOCK 64
 void project_half(const float *cube, int64_t h, const float *rot, int64_t n_rot, const float *kxy, int64_t n_pix,
                   float *out, int64_t nthreads)
 {
+    const int64_t n_blocks = (n_rot + PROJ_ROT_BLOCK - 1) / PROJ_ROT_BLOCK;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < n_rot; r++) {
-        const float *a = rot + 9 * r;
-        float *o = out + r * n_pix * 2;
-        for (int64_t p = 0; p < n_pix; p++) {
-            const float kx = kxy[2 * p], ky = kxy[2 * p + 1];
-            sample_half_one(cube, h, kx * a[0] + ky * a[3], kx * a[1] + ky * a[4], kx * a[2] + ky * a[5], o + 2 * p);
+    for (int64_t blk = 0; blk < n_blocks; blk++) {
+        const int64_t r0 = blk * PROJ_ROT_BLOCK, r1 = r0 + PROJ_ROT_BLOCK < n_rot ? r0 + PROJ_ROT_BLOCK : n_rot;
+        for (int64_t p0 = 0; p0 < n_pix; p0 += PROJ_PIX_BLOCK) {
+            const int64_t p1 = p0 + PROJ_PIX_BLOCK < n_pix ? p0 + PROJ_PIX_BLOCK : n_pix;
+            for (int64_t r = r0; r < r1; r++) {
+                const float *a = rot + 9 * r;
+                float *o = out + r * n_pix * 2;
+                for (int64_t p = p0; p < p1; p++) {
+                    const float kx = kxy[2 * p], ky = kxy[2 * p + 1];
+                    sample_half_one(cube, h, kx * a[0] + ky * a[3], kx * a[1] + ky * a[4], kx * a[2] + ky * a[5],
+                                    o + 2 * p);
+                }
+            }
         }
     }
 }
