@@ -333,12 +333,11 @@ class BackProjector:
             raise ValueError(f"out_box {m}: must be even, at most {self.n} and hold r_max {self.r_max:.1f} (> 2·r_max)")
         npad = self.pad * m
         # the map's transform data·d, written straight into the inverse transform's layout
-        vol = torch.fft.irfftn(half_to_rfft_layout(data, npad, scale=d), s=(npad,) * 3)
+        # real space: centre at index 0 (FFT order); only the m voxels around it are kept, centre at m//2
+        vol = _irfftn_window(half_to_rfft_layout(data, npad, scale=d), npad, m)
         del d, data, weight
         if m != self.n:
             vol = vol * (m / self.n) ** 3  # irfftn's 1/N³ with N = pad·m: the full map's values
-        # real space: centre at index 0 (FFT order); keep the m voxels around it, centre at m//2
-        vol = _window_centred(vol, m)
         vol = gridding_correct(vol, self.pad)
         if mask_edge:
             # as RELION: zero beyond the box's inscribed sphere (soft edge of 3 original pixels inside it)
@@ -347,18 +346,21 @@ class BackProjector:
         return vol.to(torch.float32)
 
 
-def _window_centred(vol: torch.Tensor, m: int) -> torch.Tensor:
-    """The m³ voxels around index 0 of a map in FFT order (N, N, N), centred at m//2: ``vol[keep][:, keep][:, :, keep]``
-    with keep = (−m//2 … m − m//2 − 1) mod N, copied block by block (eight corners) without index gathers."""
-    n = vol.shape[0]
-    lo, hi = m // 2, m - m // 2  # voxels −lo … −1 and 0 … hi−1
-    parts = ((slice(n - lo, n), slice(0, lo)), (slice(0, hi), slice(lo, m)))
-    out = vol.new_empty((m, m, m))
-    for zs, zd in parts:
-        for ys, yd in parts:
-            for xs, xd in parts:
-                out[zd, yd, xd] = vol[zs, ys, xs]
-    return out
+def _irfftn_window(ft: torch.Tensor, npad: int, m: int) -> torch.Tensor:
+    """The m³ voxels around index 0 of ``torch.fft.irfftn(ft, s=(npad,) * 3)`` (FFT order), centred at m//2 (keep =
+    −m//2 … m − m//2 − 1 mod npad on every axis). One axis at a time, each cut to its m kept voxels before the
+    next is transformed: the inverse transforms along y and x then run on a half and a quarter of the lines
+    (box 256, pad 2: about 1.1 s against 1.4–2.4 s for the whole transform, and no npad³ real map)."""
+    lo, hi = m // 2, m - m // 2
+
+    def window(v: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.cat([v.narrow(dim, npad - lo, lo), v.narrow(dim, 0, hi)], dim=dim)
+
+    v = torch.fft.ifft(ft, dim=0)
+    del ft
+    # the two kept runs of z (−lo … −1, then 0 … hi − 1) go on separately, joined last as real maps
+    return torch.cat([window(torch.fft.irfft(window(torch.fft.ifft(v[zs], dim=1), 1), n=npad, dim=2), 2)
+                      for zs in (slice(npad - lo, npad), slice(0, hi))], dim=0)
 
 
 def half_map_fsc(half1: BackProjector, half2: BackProjector, symmetry_ops: np.ndarray | None = None,
