@@ -69,7 +69,7 @@ def backproject_particles(particles: ParticleSet, indices: np.ndarray, opts: Rec
     n, apix = particles.box, particles.pixel_size
     bp = BackProjector(n, pad=opts.pad, r_max=r_max, device=device)
     bs = opts.batch_size or batch_size_for(n, device)
-    buf = _InsertBuffer(bp, n, r_max, bs) if torch.device(device).type == "cpu" else None
+    buf = _InsertBuffer(bp, n, r_max, bs) if _InsertBuffer.pays(bp, device) else None
     for batch in particles.batches(bs, indices, with_ctf=opts.ctf):
         imgs = torch.as_tensor(batch.images, device=device)
         # shifting the image by +origin centres the particle; the shift by −n/2 is rfft2_centered's ifftshift
@@ -100,6 +100,11 @@ class _InsertBuffer:
     batch."""
 
     BUFFER_SAMPLES = 1 << 24
+    ACC_BYTES = 64 << 20  # the kernel tiles only accumulators this large (box 64's, 13 MB, stays in cache)
+
+    @classmethod
+    def pays(cls, bp: BackProjector, device) -> bool:
+        return torch.device(device).type == "cpu" and bp._acc.numel() * 4 >= cls.ACC_BYTES
 
     def __init__(self, bp: BackProjector, n: int, r_max: float, batch: int):
         kx, ky = half_plane_freqs(n)

@@ -468,15 +468,17 @@ static int backproject_binned(float *acc, int64_t h, const float *rot, int64_t n
     return ok;
 }
 
-/* samples per call from which backproject_half sorts them into slabs first (see backproject_binned) */
+/* samples per call, and accumulator bytes, from which backproject_half sorts the samples into tiles first (see
+ * backproject_binned): a smaller accumulator (box 64: 13 MB) stays in cache anyway */
 #define BP_BINNED_FROM (1 << 22)
+#define BP_BINNED_ACC_BYTES (64 << 20)
 
 void backproject_half(float *acc, int64_t h, const float *rot, int64_t n_rot, const float *kxy, int64_t n_pix,
                       const float *vals, const float *w, int64_t nthreads)
 {
     const int64_t d = 2 * h + 1, nx = h + 1;
     const int64_t sy = nx * 3, sz = d * nx * 3;
-    if (n_rot * n_pix >= BP_BINNED_FROM && n_rot * n_pix < INT32_MAX
+    if (n_rot * n_pix >= BP_BINNED_FROM && d * sz * (int64_t)sizeof(float) >= BP_BINNED_ACC_BYTES
         && backproject_binned(acc, h, rot, n_rot, kxy, n_pix, vals, w, nthreads))
         return;
     #pragma omp parallel num_threads(nthreads)
