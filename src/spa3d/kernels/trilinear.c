@@ -393,44 +393,45 @@ static int backproject_binned(float *acc, int64_t h, const float *rot, int64_t n
             int64_t tl[4];
             for (int64_t s = 0; s < n_tile; s++)
                 mine[s] = 0;
-            for (int64_t r = r0; r < r1; r++)
-                for (int64_t p = 0; p < n_pix; p++) {
-                    int64_t x0, y0, z0;
-                    float fx, fy, fz, sg;
-                    if (!where_half(rot + 9 * r, kxy[2 * p], kxy[2 * p + 1], h, &x0, &y0, &z0, &fx, &fy, &fz, &sg))
-                        continue;
-                    const int64_t m = tiles_of(y0, z0, n_ty, tl);
-                    for (int64_t k = 0; k < m; k++)
-                        mine[tl[k]]++;
-                }
-            #pragma omp barrier
-            #pragma omp single
-            {
-                /* offsets: tile-major, and within a tile thread t's samples (rotations r0 .. r1) before t + 1's */
-                int64_t total = 0;
-                for (int64_t s = 0; s < n_tile; s++) {
-                    start[s] = total;
-                    for (int64_t u = 0; u < nt; u++) {
-                        const int64_t c = count[u * n_tile + s];
-                        count[u * n_tile + s] = total;
-                        total += c;
+            /* pass 0 counts each thread's samples per tile; pass 1 writes them at the offsets that follow */
+            for (int pass = 0; pass < 2; pass++) {
+                for (int64_t r = r0; r < r1; r++)
+                    for (int64_t p = 0; p < n_pix; p++) {
+                        int64_t x0, y0, z0;
+                        float fx, fy, fz, sg;
+                        if (!where_half(rot + 9 * r, kxy[2 * p], kxy[2 * p + 1], h, &x0, &y0, &z0, &fx, &fy, &fz,
+                                        &sg))
+                            continue;
+                        const int64_t m = tiles_of(y0, z0, n_ty, tl);
+                        if (pass == 0) {
+                            for (int64_t k = 0; k < m; k++)
+                                mine[tl[k]]++;
+                            continue;
+                        }
+                        const int64_t i = r * n_pix + p;
+                        const bp_entry e = {(int16_t)x0, (int16_t)y0, (int16_t)z0, 0, fx, fy, fz, vals[2 * i],
+                                            sg * vals[2 * i + 1], w[i]};
+                        for (int64_t k = 0; k < m; k++)
+                            ent[mine[tl[k]]++] = e;
+                    }
+                if (pass == 0) {
+                    #pragma omp barrier
+                    #pragma omp single
+                    {
+                        /* offsets: tile-major; within a tile thread t's samples (rotations r0 .. r1) before t + 1's */
+                        int64_t total = 0;
+                        for (int64_t s = 0; s < n_tile; s++) {
+                            start[s] = total;
+                            for (int64_t u = 0; u < nt; u++) {
+                                const int64_t c = count[u * n_tile + s];
+                                count[u * n_tile + s] = total;
+                                total += c;
+                            }
+                        }
+                        start[n_tile] = total;
                     }
                 }
-                start[n_tile] = total;
             }
-            for (int64_t r = r0; r < r1; r++)
-                for (int64_t p = 0; p < n_pix; p++) {
-                    int64_t x0, y0, z0;
-                    float fx, fy, fz, sg;
-                    if (!where_half(rot + 9 * r, kxy[2 * p], kxy[2 * p + 1], h, &x0, &y0, &z0, &fx, &fy, &fz, &sg))
-                        continue;
-                    const int64_t i = r * n_pix + p;
-                    const bp_entry e = {(int16_t)x0, (int16_t)y0, (int16_t)z0, 0, fx, fy, fz, vals[2 * i],
-                                        sg * vals[2 * i + 1], w[i]};
-                    const int64_t m = tiles_of(y0, z0, n_ty, tl);
-                    for (int64_t k = 0; k < m; k++)
-                        ent[mine[tl[k]]++] = e;
-                }
             #pragma omp barrier
             #pragma omp for schedule(dynamic, 4)
             for (int64_t s = 0; s < n_tile; s++) {
