@@ -269,3 +269,28 @@ def test_tiled_back_projection_of_many_slices_equals_slice_by_slice_to_the_bit()
     for s in range(0, 700, 50):
         backproject_half(direct, h, rot[s:s + 50], kxy, vals[s:s + 50], w[s:s + 50])
     assert torch.equal(tiled, direct) and float(direct[..., 2].sum()) > 0.9 * float(w.sum())
+
+
+def test_vectorised_projection_gives_the_portable_kernels_floats():
+    """project_half's AVX-512 path (16 pixels per step, gathers) must give the portable path's floats bit for
+    bit: Friedel mates (x < 0), pixels whose corners leave the cube (read as zero), a run's odd tail."""
+    from spa3d.kernels import project_half, projection_simd
+
+    if projection_simd() < 16:
+        pytest.skip("this CPU (or build) has no AVX-512 projection path")
+    n = 48
+    vol = torch.as_tensor(np.random.default_rng(5).standard_normal((n, n, n)), dtype=torch.float32)
+    proj = Projector(vol, pad=2, r_max=n // 2)
+    ky, kx = np.meshgrid(np.arange(-n // 2, n // 2), np.arange(0, n // 2 + 1), indexing="ij")
+    keep = kx**2 + ky**2 <= (n // 2 + 3) ** 2  # a few pixels beyond the cube's reach
+    kxy = torch.tensor(np.stack([kx[keep], ky[keep]], 1)[:-5] * 2.0, dtype=torch.float32)
+    rot = torch.as_tensor(random_rotations(70, np.random.default_rng(6)), dtype=torch.float32)
+    try:
+        fast = project_half(proj._cube_ri, proj.h, rot, kxy)
+        projection_simd(False)
+        assert projection_simd() == 1
+        portable = project_half(proj._cube_ri, proj.h, rot, kxy)
+    finally:
+        projection_simd(True)
+    assert kxy.shape[0] % 16 != 0 and bool((portable.abs() == 0).any())  # the tail and the outside corners ran
+    assert torch.equal(torch.view_as_real(fast).view(torch.int32), torch.view_as_real(portable).view(torch.int32))
