@@ -60,6 +60,29 @@ def local_rotations(step_deg: float, sigma_deg: float) -> tuple[np.ndarray, np.n
     return as_matrix(v), np.linalg.norm(v, axis=1), as_matrix(children)
 
 
+# a local pre-pass keeps every pre-pass rotation whose best sample lies within this many nats of the image's best
+LOCAL_PREPASS_MARGIN = 30.0
+
+
+def local_prepass_cells(step_deg: float, sigma_deg: float) -> tuple[np.ndarray, np.ndarray]:
+    """The local pre-pass: every other point of :func:`local_rotations`' coarse lattice and the cells they own.
+
+    The coarse lattice points whose integer coordinates are all even form the pre-pass lattice (twice the
+    coarse spacing, the identity included; about 27 of 250 points). Cell p holds the coarse points within
+    one coarse spacing of pre-pass point p along every axis, so every coarse point lies in at least one
+    cell. Returns (pre (Jp,) indices into the coarse points, member (Jp, Jc) bool).
+    """
+    coarse_step = 2.0 * float(step_deg)
+    reach = 3 * sigma_deg + 0.5 * np.sqrt(3) * coarse_step
+    m = int(np.floor(reach / coarse_step + 1e-9))
+    g = np.arange(-m, m + 1)
+    ijk = np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3)
+    ijk = ijk[np.linalg.norm(ijk * coarse_step, axis=1) <= reach + 1e-9]  # the rows of local_rotations' coarse
+    pre = np.nonzero((ijk % 2 == 0).all(1))[0]
+    member = (np.abs(ijk[None, :, :] - ijk[pre][:, None, :]) <= 1).all(-1)
+    return pre, member
+
+
 def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets: torch.Tensor,
                        prior_rot: torch.Tensor, local: tuple, coarse_trans: torch.Tensor, fine_trans: torch.Tensor,
                        projectors: list[Projector], px_coarse: FourierPixels, px_fine: FourierPixels,
@@ -68,7 +91,7 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
                        allowed_class: torch.Tensor | None = None, adaptive_fraction: float = 0.999,
                        max_significant: int = 256, half: torch.Tensor | None = None,
                        chunk_bytes: int = 128 << 20, norm_stats: bool = False,
-                       x_recon: torch.Tensor | None = None) -> BatchResult:
+                       x_recon: torch.Tensor | None = None, prepass: tuple | None = None) -> BatchResult:
     """E-step (and M-step sums) of one batch, searching each image's neighbourhood only.
 
     x_full (B, n, n//2+1): image FTs shifted by ``old_offsets`` (B, 2) pixels;
@@ -82,6 +105,11 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
     (B,) restricts an image to one class (-1 any). M-step sums go to
     ``backprojectors[k]`` (``[h·K + k]`` with ``half``), as the global search's, from ``x_recon`` (the
     unmasked images; default ``x_full``).
+
+    ``prepass`` (:func:`local_prepass_cells`' output as tensors, and a margin in nats): the coarse pass first
+    scores the pre-pass rotations only, then the coarse rotations in the cells of every pre-pass rotation
+    whose best sample lies within the margin of the image's best (and in the previous pose's cell); the
+    other coarse samples count as zero posterior. None: every coarse rotation (RELION's way).
     """
     from spa3d.inference.search import SearchGrid, _fine_pass, batch_outputs, batch_result, significant_samples
 
@@ -105,25 +133,57 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
     prior_r_c = -(delta_deg.to(torch.float32) ** 2) / (2 * sigma_ang**2)  # (Jc,)
     allowed = allowed_class if allowed_class is not None else torch.full((b,), -1, device=dev, dtype=torch.long)
     ll = torch.full((b, k_cls, n_t, n_j), -torch.inf, device=dev)
-    flops = 0.0
-    bc = int(max(1, min(b, chunk_bytes // max(1, 8 * n_j * n_p))))
-    for s0 in range(0, b, bc):
-        sl = slice(s0, min(s0 + bc, b))
-        a_ri = torch.view_as_real(xs[sl][:, None, :] * phases[None] * (cs[sl] * w)[:, None, :]).reshape(-1, n_t, 2 * n_p)
-        cw2 = (cs[sl] * cs[sl] * w).repeat_interleave(2, dim=-1)[:, None, :]  # (b, 1, 2P): the weight of re and im
-        for k in range(k_cls):
-            rows = ((allowed[sl] < 0) | (allowed[sl] == k)).nonzero()[:, 0]
-            if len(rows) == 0:
-                continue
-            pr = projectors[k].project_pixels(rots[sl][rows].reshape(-1, 3, 3), px_coarse.kx, px_coarse.ky)
-            pr_ri = torch.view_as_real(pr).reshape(len(rows), n_j, n_p, 2)
-            cross = torch.bmm(a_ri[rows], pr_ri.reshape(len(rows), n_j, 2 * n_p).transpose(1, 2))
-            # Σ_p c²w |proj|², squaring the projections in place (they are not needed again): a fresh squared
-            # copy and its sum over (re, im) cost ten times the product itself
-            power = torch.bmm(cw2[rows], pr_ri.reshape(len(rows), n_j, 2 * n_p).square_().transpose(1, 2))
-            ll[sl][rows, k] = (cross - 0.5 * power - 0.5 * norm_x[sl][rows, None, None]
-                               + prior_t_c[sl][rows, :, None] + prior_r_c[None, None, :] + log_class_prior[k])
-            flops += len(rows) * (2.0 * n_t * 2 * n_p * n_j + 2.0 * n_p * n_j)
+    flops, n_scored = 0.0, 0
+    ar_t = torch.arange(n_t, device=dev)
+
+    def score(cols: torch.Tensor) -> None:
+        """ll[b, k, t, cols[b, j]] for every image's own coarse rotations cols (B, J), chunked by memory."""
+        nonlocal flops
+        n_c = cols.shape[1]
+        bc = int(max(1, min(b, chunk_bytes // max(1, 8 * n_c * n_p))))
+        for s0 in range(0, b, bc):
+            sl = slice(s0, min(s0 + bc, b))
+            a_ri = torch.view_as_real(xs[sl][:, None, :] * phases[None] * (cs[sl] * w)[:, None, :]).reshape(-1, n_t,
+                                                                                                             2 * n_p)
+            cw2 = (cs[sl] * cs[sl] * w).repeat_interleave(2, dim=-1)[:, None, :]  # (b, 1, 2P): the weight of re, im
+            for k in range(k_cls):
+                rows = ((allowed[sl] < 0) | (allowed[sl] == k)).nonzero()[:, 0]
+                if len(rows) == 0:
+                    continue
+                img = rows + s0
+                c_r = cols[img]  # (R, J)
+                pr = projectors[k].project_pixels(rots[img[:, None], c_r].reshape(-1, 3, 3), px_coarse.kx,
+                                                  px_coarse.ky)
+                pr_ri = torch.view_as_real(pr).reshape(len(rows), n_c, n_p, 2)
+                cross = torch.bmm(a_ri[rows], pr_ri.reshape(len(rows), n_c, 2 * n_p).transpose(1, 2))
+                # Σ_p c²w |proj|², squaring the projections in place (they are not needed again): a fresh squared
+                # copy and its sum over (re, im) cost ten times the product itself
+                power = torch.bmm(cw2[rows], pr_ri.reshape(len(rows), n_c, 2 * n_p).square_().transpose(1, 2))
+                val = (cross - 0.5 * power - 0.5 * norm_x[img, None, None] + prior_t_c[img][:, :, None]
+                       + prior_r_c[c_r][:, None, :] + log_class_prior[k])
+                ll[img[:, None, None], k, ar_t[None, :, None], c_r[:, None, :]] = val
+                flops += len(rows) * (2.0 * n_t * 2 * n_p * n_c + 2.0 * n_p * n_c)
+
+    if prepass is None:
+        score(torch.arange(n_j, device=dev).expand(b, n_j))
+        n_scored = b * n_j
+    else:
+        pre, member, margin = prepass
+        pre, member = pre.to(dev), member.to(dev)
+        score(pre.expand(b, len(pre)))
+        best_pre = ll[:, :, :, pre].amax(dim=(1, 2))  # (B, Jp)
+        keep = best_pre >= best_pre.amax(1, keepdim=True) - float(margin)
+        centre = int(torch.nonzero(delta_deg[pre] == 0)[0, 0])  # the previous pose's cell, always
+        keep[:, centre] = True
+        sel = (keep.to(torch.float32) @ member.to(torch.float32)) > 0  # (B, Jc)
+        sel[:, pre] = False  # scored already
+        count = sel.sum(1)
+        j1 = int(count.max())
+        order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :j1]
+        cols = torch.where(torch.arange(j1, device=dev)[None] < count[:, None], order, order[:, :1])
+        if j1 > 0:
+            score(cols)
+        n_scored = int(b * len(pre) + count.sum())
     n_sig_all = torch.zeros(b, dtype=torch.long, device=dev)
     img, flat, n_sig, _ = significant_samples(ll.reshape(b, -1), adaptive_fraction, max_significant)
     n_sig_all[:] = n_sig
@@ -142,7 +202,7 @@ def local_search_batch(x_full: torch.Tensor, ctf_full: torch.Tensor, old_offsets
         return -(ang**2) / (2 * sigma_ang**2)
 
     out, sums = batch_outputs(b, k_cls, int(px_fine.shell.max()) + 1, dev)
-    sums["flops"], sums["poses"] = flops, float(b * k_cls * n_t * n_j)
+    sums["flops"], sums["poses"] = flops, float(k_cls * n_t * n_scored)
     if norm_stats:  # each image's residual power (see search.BatchResult.residual_image)
         sums["res_image"] = torch.zeros(b, dtype=torch.float64, device=dev)
     _fine_pass(img, flat_grid, b, torch.ones(b, dtype=torch.bool, device=dev), x_full, ctf_full, old_offsets, grid,

@@ -52,7 +52,7 @@ from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations, psi_angles
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels, residual_power, residual_power_terms
-from spa3d.inference.local_search import local_rotations, local_search_batch
+from spa3d.inference.local_search import local_prepass_cells, local_rotations, local_search_batch
 from spa3d.inference.pruned_search import (PREPASS_MAX_ROTATIONS, PREPASS_REACH, PrePass, make_prepass,
                                           pruned_search_batch)
 from spa3d.inference.search import SearchGrid, coarse_radius, make_search_grid, search_batch
@@ -134,6 +134,9 @@ class Class3dOptions:
     # rotations near its significant samples (inference.pruned_search; not RELION's); 0: never
     prepass_from_order: int = 0
     prepass_max_rotations: int = PREPASS_MAX_ROTATIONS  # pre-pass rotations an image keeps at most
+    # local searches: > 0 scores every other coarse rotation first and then only the cells of those within this
+    # many nats of the image's best (inference.local_search; not RELION's); 0: every coarse rotation
+    local_prepass_margin: float = 0.0
     coarse_warmup: bool = True
     fast_subsets: bool = False
     coarse_radius_px: float | None = None  # radius of the coarse pass (default from the coarse step)
@@ -686,6 +689,11 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
                            for a in local_rotations(angular_step(ch.order + 1), o.sigma_ang))
         local_t = [torch.as_tensor(t, dtype=torch.float32, device=device)
                    for t in oversampled_translations(o.offset_range, o.offset_step)]
+        local_pre = None
+        if o.local_prepass_margin > 0:
+            cells = local_prepass_cells(angular_step(ch.order + 1), o.sigma_ang)
+            local_pre = (torch.as_tensor(cells[0], device=device), torch.as_tensor(cells[1], device=device),
+                         o.local_prepass_margin)
     # M-step sums: per class, and per random half set when ``halves`` is given (index h·K + k)
     bps = [BackProjector(n, r_max=ch.r_cur, device=device) for _ in range(k_cls if ch.halves is None else 2 * k_cls)]
     sigma2_t = torch.as_tensor(ch.sigma2, dtype=torch.float32, device=device)
@@ -739,7 +747,7 @@ def estep_chunk(ch: EStepChunk, progress: Progress | None = None) -> EStepResult
             r = local_search_batch(x, c, old, prior_rot, local_grid, local_t[0], local_t[1], projectors, px_c, px_f,
                                    sigma2_t, log_prior, ch.sigma_offset_px, o.sigma_ang, bps, allowed,
                                    o.adaptive_fraction, o.max_significant, half=half, norm_stats=norm,
-                                   x_recon=x_rec)
+                                   x_recon=x_rec, prepass=local_pre)
             out.offsets_px[sl] = ch.offsets_px[sl] + r.best_translation
             out.angles[sl] = np.stack(matrix_to_euler(r.best_rotation.astype(np.float64)), 1)
         else:

@@ -59,6 +59,7 @@ from spa3d.geometry.euler import euler_to_matrix, matrix_to_euler
 from spa3d.geometry.sampling import angular_step, oversampled_orientations, oversampled_translations
 from spa3d.geometry.symmetry import symmetry_matrices
 from spa3d.inference.likelihood import FourierPixels, residual_power
+from spa3d.inference.local_search import LOCAL_PREPASS_MARGIN
 from spa3d.inference.search import FINE_TABLE_BYTES, coarse_radius, make_search_grid
 from spa3d.io.atomic_write import atomic_path
 from spa3d.io.mrc import read_map, write_map
@@ -216,13 +217,17 @@ def expected_accuracy(projectors: list[Projector], rots: torch.Tensor, ctf: torc
         p0 = proj.project_pixels(rots[sel], px.kx, px.ky)  # (M, P)
         thresholds = []
         for axis in range(3):
-            v = torch.zeros((len(angles), 3), device=dev)
-            v[:, axis] = torch.deg2rad(angles)
-            d = torch.as_tensor(Rotation.from_rotvec(v.cpu().numpy()).as_matrix(), dtype=torch.float32, device=dev)
-            r = torch.matmul(rots[sel][:, None], d[None])  # (M, A, 3, 3)
-            pr = proj.project_pixels(r.reshape(-1, 3, 3), px.kx, px.ky).reshape(len(sel), len(angles), -1)
-            diff = 0.5 * ((pr - p0[:, None]).abs() ** 2 * c2w[sel][:, None]).sum(-1)  # (M, A)
-            thresholds.append(_first_above(diff, angles))
+            def change(idx: torch.Tensor) -> torch.Tensor:
+                """½ Σ c²w |ΔP|² (M, J) for each particle's rotations by angles[idx] (M, J) about this axis."""
+                v = torch.zeros((*idx.shape, 3), device=dev)
+                v[..., axis] = torch.deg2rad(angles[idx])
+                d = torch.as_tensor(Rotation.from_rotvec(v.reshape(-1, 3).cpu().numpy()).as_matrix(),
+                                    dtype=torch.float32, device=dev).reshape(*idx.shape, 3, 3)
+                r = torch.matmul(rots[sel][:, None], d)  # (M, J, 3, 3)
+                pr = proj.project_pixels(r.reshape(-1, 3, 3), px.kx, px.ky).reshape(*idx.shape, -1)
+                return 0.5 * ((pr - p0[:, None]).abs() ** 2 * c2w[sel][:, None]).sum(-1)
+
+            thresholds.append(angles[_first_crossing(change, len(sel), len(angles), dev)])
         acc_r.append(torch.stack(thresholds, 1).mean(1))
         power = (p0.abs() ** 2 * c2w[sel]).float()  # (M, P)
         tr = []
@@ -232,6 +237,29 @@ def expected_accuracy(projectors: list[Projector], rots: torch.Tensor, ctf: torc
             tr.append(_first_above(diff, shifts))
         acc_t.append(torch.stack(tr, 1).mean(1))
     return float(torch.cat(acc_r).mean()), float(torch.cat(acc_t).mean())
+
+
+def _first_crossing(change, m: int, n_steps: int, dev, stride: int = 4) -> torch.Tensor:
+    """Per particle, the index of the first of ``n_steps`` increasing steps where ``change`` exceeds P_VALUE
+    (the last step if none does), as a scan of every step finds it where the change grows with the step.
+
+    change(idx (M, J) step indices) -> (M, J). Every ``stride``-th step is evaluated first, then only the
+    steps between the first one above and the one before it: 15 of 48 steps instead of all of them.
+    """
+    coarse = list(range(stride - 1, n_steps, stride))
+    if coarse[-1] != n_steps - 1:
+        coarse.append(n_steps - 1)
+    coarse_t = torch.as_tensor(coarse, device=dev)
+    above = change(coarse_t.expand(m, -1)) > P_VALUE
+    c = torch.where(above.any(1), above.float().argmax(1), torch.full((m,), len(coarse) - 1, device=dev,
+                                                                        dtype=torch.long))
+    hit = above.any(1)
+    start = torch.where(c > 0, coarse_t[(c - 1).clamp_min(0)] + 1, torch.zeros_like(c))  # first unscored step
+    between = (start[:, None] + torch.arange(stride - 1, device=dev)[None]).clamp_max(n_steps - 1)  # (M, stride − 1)
+    between = torch.minimum(between, coarse_t[c][:, None])
+    inner = change(between) > P_VALUE
+    first = torch.where(inner.any(1), between.gather(1, inner.float().argmax(1, keepdim=True))[:, 0], coarse_t[c])
+    return torch.where(hit, first, torch.full_like(first, n_steps - 1))
 
 
 def _first_above(diff: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -734,6 +762,7 @@ def _estep_options(o: Refine3dOptions, k: int, sigma_ang: float, order: int, off
                           sigma_ang=sigma_ang, perturb=o.perturb, adaptive_fraction=o.adaptive_fraction,
                           max_significant=o.max_significant, marginalise_broad=False, batch_size=o.batch_size,
                           prepass_from_order=o.prepass_from_order,
+                          local_prepass_margin=LOCAL_PREPASS_MARGIN if o.prepass_from_order > 0 else 0.0,
                           seed=o.seed, device=o.device, threads=o.threads, coarse_warmup=False)
 
 
