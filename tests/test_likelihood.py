@@ -291,6 +291,21 @@ def test_local_search_finds_poses_near_the_prior(truth_map, monkeypatch):
     assert np.median(terr) <= 0.3 and terr.max() <= 0.6, terr
     assert np.all(r.n_significant >= 1) and np.all(r.max_posterior > 0) and r.flops > 0
     assert float(bps[0].weight.sum()) > 0
+    # the local pre-pass (refine3d's default): every coarse point in some cell, the identity a pre-pass point;
+    # the same poses as the whole lattice, from fewer coarse poses
+    from spa3d.inference.local_search import LOCAL_PREPASS_MARGIN, local_prepass_cells
+
+    pre, member = local_prepass_cells(step, sig)
+    assert member.shape == (len(pre), len(local[0])) and member.any(0).all() and np.isclose(local[1][pre], 0).sum() == 1
+    assert 20 <= len(pre) <= 40 and member.sum(1).max() <= 27
+    r_pre = local_search_batch(x, torch.ones(x.shape), torch.zeros(n_img, 2), prior,
+                               tuple(torch.as_tensor(a, dtype=torch.float32) for a in local), ct, ft, [proj],
+                               FourierPixels.make(n, 12), px, sigma2, torch.zeros(1), 3.0, sig, None,
+                               prepass=(torch.as_tensor(pre), torch.as_tensor(member), LOCAL_PREPASS_MARGIN))
+    assert np.array_equal(r_pre.best_rotation, r.best_rotation)
+    assert np.array_equal(r_pre.best_translation, r.best_translation)
+    np.testing.assert_allclose(r_pre.max_posterior, r.max_posterior, rtol=1e-3)
+    assert r_pre.poses < 0.6 * r.poses
     # the fine pass in parts (here down to one image each, as where its rows would not fit in memory): the same
     import spa3d.inference.search as search
 
