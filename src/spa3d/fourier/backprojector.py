@@ -16,6 +16,8 @@ the trilinear kernel (gridding correction).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,15 @@ KERNEL_RADIUS = 3
 GRIDDING_ITERATIONS = 5
 
 
+@functools.lru_cache(maxsize=4)
+def _shell_index(h: int, pad: int, device: str) -> torch.Tensor:
+    """Rounded shell (cycles per box) of every voxel of a half grid (2h+1, 2h+1, h+1) padded ``pad`` times."""
+    c = torch.arange(2 * h + 1, device=device, dtype=torch.float32) - h
+    cx = torch.arange(h + 1, device=device, dtype=torch.float32)
+    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + cx[None, None, :] ** 2) / pad
+    return torch.round(r).long()
+
+
 class BackProjector:
     """Half-grid 3D Fourier accumulators for a box of ``n`` pixels (padding ``pad``).
 
@@ -56,6 +67,7 @@ class BackProjector:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._acc = torch.zeros((d, d, self.h + 1, 3), dtype=torch.float32, device=self.device)
         self._final = False  # x = 0 plane made Hermitian (see _finalise)
+        self._shell_weights = None  # (operators' bytes, shell_weights' result) once final
         self._sel = None  # half-plane pixels inside r_max, and their (kx, ky)·pad
         self._kxy = None
 
@@ -70,6 +82,7 @@ class BackProjector:
             raise ValueError(f"accumulator of shape {tuple(value.shape)}, expected {tuple(self._acc.shape)}")
         self._acc = value.to(self.device, torch.float32).contiguous()
         self._final = False
+        self._shell_weights = None
 
     @property
     def data(self) -> torch.Tensor:
@@ -207,11 +220,8 @@ class BackProjector:
         return total[:2].permute(1, 2, 3, 0), total[2]
 
     def shell_index(self) -> torch.Tensor:
-        """Shell (cycles per box, rounded) of every half-grid voxel (D, D, h+1)."""
-        c = torch.arange(2 * self.h + 1, device=self.device, dtype=torch.float32) - self.h
-        cx = torch.arange(self.h + 1, device=self.device, dtype=torch.float32)
-        r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + cx[None, None, :] ** 2) / self.pad
-        return torch.round(r).long()
+        """Shell (cycles per box, rounded) of every half-grid voxel (D, D, h+1); shared, do not modify."""
+        return _shell_index(self.h, self.pad, str(self.device))
 
     def shell_weights(self, symmetry_ops: np.ndarray | None = None) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         """Weight per original-grid voxel, by shell: (mean per shell (n//2+1,), voxel weights, voxel shells).
@@ -220,16 +230,20 @@ class BackProjector:
         voxel of the original grid holds pad³ times the mean padded weight.
         Used for the spectral SNR (weight·τ²) that sets the resolution.
         """
+        key = None if symmetry_ops is None else np.asarray(symmetry_ops, dtype=np.float64).tobytes()
+        if self._final and self._shell_weights is not None and self._shell_weights[0] == key:
+            return self._shell_weights[1]  # the accumulators are frozen once final (a refinement asks twice)
         _, weight = self._finalise()
         _, weight = self._symmetrise(None, weight, symmetry_ops)
         w = weight.double() * self.pad**3
         shell = self.shell_index()
         nsh = self.n // 2 + 1
-        keep = shell < nsh
-        s = torch.zeros(nsh, dtype=torch.float64, device=self.device).index_add_(0, shell[keep], w[keep])
-        c = torch.zeros(nsh, dtype=torch.float64, device=self.device).index_add_(0, shell[keep],
-                                                                                 torch.ones_like(w[keep]))
-        return (s / c.clamp_min(1)).cpu().numpy(), w, shell
+        flat = shell.reshape(-1).clamp_max(nsh)  # shells beyond the box's Nyquist go to a spare bin, dropped
+        s = torch.bincount(flat, weights=w.reshape(-1), minlength=nsh + 1)[:nsh]
+        c = torch.bincount(flat, minlength=nsh + 1)[:nsh].double()
+        result = ((s / c.clamp_min(1)).cpu().numpy(), w, shell)
+        self._shell_weights = (key, result)
+        return result
 
     @staticmethod
     def _kernel(sigma: float = KERNEL_SIGMA, radius: int = KERNEL_RADIUS) -> np.ndarray:
