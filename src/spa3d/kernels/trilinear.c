@@ -405,33 +405,34 @@ int projection_simd(int enable)
 #endif
 }
 
+/* project_run_portable: project_run_avx512's pixels one at a time (kxy interleaved) */
+static void project_run_portable(const float *cube, int64_t h, const float *a, const float *kxy, int64_t p0,
+                                 int64_t p1, float *o)
+{
+    for (int64_t p = p0; p < p1; p++) {
+        const float kx = kxy[2 * p], ky = kxy[2 * p + 1];
+        sample_half_one(cube, h, kx * a[0] + ky * a[3], kx * a[1] + ky * a[4], kx * a[2] + ky * a[5], o + 2 * p);
+    }
+}
+
 void project_half(const float *cube, int64_t h, const float *rot, int64_t n_rot, const float *kxy, int64_t n_pix,
                   float *out, int64_t nthreads)
 {
+    float *kx = NULL, *ky = NULL; /* the pixels de-interleaved, for the AVX-512 path */
 #ifdef SPA3D_X86
     if (have_avx512() && (2 * h + 1) * (2 * h + 1) * (h + 1) * 2 < ((int64_t)1 << 31)) {
-        float *kx = malloc(sizeof(float) * (size_t)n_pix), *ky = malloc(sizeof(float) * (size_t)n_pix);
-        if (kx != NULL && ky != NULL) {
+        kx = malloc(sizeof(float) * (size_t)n_pix);
+        ky = malloc(sizeof(float) * (size_t)n_pix);
+        if (kx == NULL || ky == NULL) {
+            free(kx);
+            free(ky);
+            kx = ky = NULL;
+        } else {
             for (int64_t p = 0; p < n_pix; p++) {
                 kx[p] = kxy[2 * p];
                 ky[p] = kxy[2 * p + 1];
             }
-            const int64_t n_blocks = (n_rot + PROJ_ROT_BLOCK - 1) / PROJ_ROT_BLOCK;
-            #pragma omp parallel for num_threads(nthreads) schedule(static)
-            for (int64_t blk = 0; blk < n_blocks; blk++) {
-                const int64_t r0 = blk * PROJ_ROT_BLOCK, r1 = r0 + PROJ_ROT_BLOCK < n_rot ? r0 + PROJ_ROT_BLOCK : n_rot;
-                for (int64_t p0 = 0; p0 < n_pix; p0 += PROJ_PIX_BLOCK) {
-                    const int64_t p1 = p0 + PROJ_PIX_BLOCK < n_pix ? p0 + PROJ_PIX_BLOCK : n_pix;
-                    for (int64_t r = r0; r < r1; r++)
-                        project_run_avx512(cube, h, rot + 9 * r, kx, ky, p0, p1, out + r * n_pix * 2);
-                }
-            }
-            free(kx);
-            free(ky);
-            return;
         }
-        free(kx);
-        free(ky);
     }
 #endif
     const int64_t n_blocks = (n_rot + PROJ_ROT_BLOCK - 1) / PROJ_ROT_BLOCK;
@@ -441,16 +442,18 @@ void project_half(const float *cube, int64_t h, const float *rot, int64_t n_rot,
         for (int64_t p0 = 0; p0 < n_pix; p0 += PROJ_PIX_BLOCK) {
             const int64_t p1 = p0 + PROJ_PIX_BLOCK < n_pix ? p0 + PROJ_PIX_BLOCK : n_pix;
             for (int64_t r = r0; r < r1; r++) {
-                const float *a = rot + 9 * r;
-                float *o = out + r * n_pix * 2;
-                for (int64_t p = p0; p < p1; p++) {
-                    const float kx = kxy[2 * p], ky = kxy[2 * p + 1];
-                    sample_half_one(cube, h, kx * a[0] + ky * a[3], kx * a[1] + ky * a[4], kx * a[2] + ky * a[5],
-                                    o + 2 * p);
+#ifdef SPA3D_X86
+                if (kx != NULL) {
+                    project_run_avx512(cube, h, rot + 9 * r, kx, ky, p0, p1, out + r * n_pix * 2);
+                    continue;
                 }
+#endif
+                project_run_portable(cube, h, rot + 9 * r, kxy, p0, p1, out + r * n_pix * 2);
             }
         }
     }
+    free(kx);
+    free(ky);
 }
 
 /* backproject_half: insert central slices into a half-grid accumulator acc[z][y][x][3] (re, im, weight), x =
