@@ -105,7 +105,8 @@ class Refine3dOptions:
     unmasked_reconstruction: bool = False
     masked_reconstruction: bool = False
     # global searches at this HEALPix order or finer (3: 3.75°) go through a pre-pass one order coarser and score
-    # only the rotations near its significant samples (inference.pruned_search; not RELION's); 0: never
+    # only the rotations near its significant samples (inference.pruned_search; not RELION's); 0: never. Local
+    # searches then go through their own pre-pass (inference.local_search.local_prepass_cells) unless it is 0
     prepass_from_order: int = 3
     ctf: bool = False
     ctf_intact_first_peak: bool = False
@@ -918,8 +919,9 @@ def add_args(p) -> None:
     rec.add_argument("--masked-reconstruction", action="store_true",
                      help="back-project the masked particles at every frequency")
     p.add_argument("--no-prepass", action="store_true",
-                   help="score the whole 3.75° grid in the global searches, as RELION, instead of first scoring the "
-                   "7.5° grid and then only the rotations near its likely ones (docs/design.md)")
+                   help="score the whole 3.75° grid in the global searches and every coarse rotation of the local "
+                   "ones, as RELION, instead of first scoring the 7.5° grid (every other local rotation) and then "
+                   "only the rotations near its likely ones (docs/design.md)")
     p.add_argument("--max-iter", type=int, default=50, help="stop after this many iterations even if not converged "
                    "(then without the final maps, as RELION's --iter; --continue with a larger value goes on; default 50)")
     add_run_options(p)
