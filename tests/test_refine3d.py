@@ -57,6 +57,14 @@ def test_hidden_variable_changes_count_as_relion():
     first = _state(change_orient=0.0, change_offset=0.0)  # the first iteration never counts (as RELION)
     update_hidden_variable_changes(first)
     assert first.iter_wo_large_changes == 0
+    # at 0.94° (order 5) a change of 0.5° that still falls is large against the current step, but not against
+    # the run's initial 7.5° step, the one RELION's MPI leader keeps dividing by (refine3d passes it)
+    fine = _state(order=5, smallest_change_classes=0.0, smallest_change_orient=0.7, smallest_change_offset=0.2, change_orient=0.5,
+                  change_offset=0.1, offset_step=0.5)
+    update_hidden_variable_changes(fine)
+    assert fine.iter_wo_large_changes == 0
+    update_hidden_variable_changes(fine, angular_step(3), 2.0)
+    assert fine.iter_wo_large_changes == 1
 
 
 def test_orientation_changes_use_symmetry_mates():

@@ -278,10 +278,22 @@ def orientation_changes(old: np.ndarray, new: np.ndarray, ops: np.ndarray) -> np
     return np.rad2deg(np.arccos(np.clip((tr - 1) / 2, -1, 1)))
 
 
-def update_hidden_variable_changes(st: RefineState) -> None:
-    """RELION's updateOverallChangesInHiddenVariables: count iterations whose pose changes stopped falling."""
-    ratio_orient = st.change_orient / angular_step(st.order + 1)
-    ratio_trans = st.change_offset / max(st.offset_step / 2, 1e-6)
+def update_hidden_variable_changes(st: RefineState, step_deg: float | None = None,
+                                   offset_step_px: float | None = None) -> None:
+    """RELION's updateOverallChangesInHiddenVariables: count iterations whose pose changes stopped falling.
+
+    An iteration counts when the changes fell by less than 3 % or are under 40 % of the (fine) sampling step.
+    ``step_deg`` / ``offset_step_px`` (coarse): the steps the changes are measured against, default the current
+    ones. refine3d passes the run's initial steps, as RELION's auto-refine does in effect: it runs under MPI,
+    where only the leader counts the changes (ml_optimiser_mpi.cpp:2474) and only the followers make the
+    sampling finer (ml_optimiser_mpi.cpp:883-886; the leader's HealpixSampling keeps the initial order), so the
+    leader divides by the initial steps. Once the changes are under 40 % of the initial step (3° at 7.5°),
+    every level is left after one iteration without resolution gain (RELION's 16 iterations at box 128 against
+    spa3d's 24 with the current steps; docs/conventions.md).
+    """
+    step = angular_step(st.order + 1) if step_deg is None else step_deg
+    ratio_orient = st.change_orient / step
+    ratio_trans = st.change_offset / max((st.offset_step if offset_step_px is None else offset_step_px) / 2, 1e-6)
     if (1.03 * 0.0 >= st.smallest_change_classes
             and (ratio_trans < 0.4 or 1.03 * st.change_offset >= st.smallest_change_offset)
             and (ratio_orient < 0.4 or 1.03 * st.change_orient >= st.smallest_change_orient)):
@@ -587,7 +599,7 @@ def _run_refine3d(star, ref, job_dir, o: Refine3dOptions, continue_from, cluster
         grow = round(0.25 * n / 2) if (ave_pmax > 0.1 and st.high_fsc_at_limit) else st.incr_size
         st.r_current = float(min(n // 2 - 1, res_shell_now + grow))
         st.map_radius = r_cur
-        update_hidden_variable_changes(st)
+        update_hidden_variable_changes(st, angular_step(o.healpix_order + 1), o.offset_step)
         st.acc_rot, st.acc_trans = _accuracy(ps, maps, st, o, rng, r_cur, device)
         changed = False if final else update_sampling(st, o, apix)
         st.converged = (not final and st.fine_enough and st.iter_wo_resol_gain >= 1 and st.iter_wo_large_changes >= 1)
